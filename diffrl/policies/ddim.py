@@ -1,0 +1,126 @@
+"""The DDIM sampler step as a Gaussian policy (DDPO, D3PO, B2-DiffuRL).
+
+Paper symbols (Song et al., "Denoising Diffusion Implicit Models", 2021) against code names:
+
+=====================  =========================================================
+alpha_t (DDIM) = ᾱ_t   ``alpha_prod_t`` = ``scheduler.alphas_cumprod[t]``
+alpha_{t-1}            ``alpha_prod_prev`` (``final_alpha_cumprod`` past the end)
+x_0 prediction         ``pred_x0``  (Eq. 12, "predicted x_0")
+epsilon_theta          ``pred_eps``
+sigma_t(eta)           ``std`` (Eq. 16; eta = 1 is the DDPM posterior)
+x_{t-1}                ``prev_sample``
+=====================  =========================================================
+
+The policy is pi(x_{t-1} | x_t) = N(mu, sigma_t^2 I) with mu the deterministic part of Eq. 12.
+Unlike ``DDIMScheduler.step`` it accepts one timestep per sample and returns the std and log-prob.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffrl.ops import gaussian_logprob
+from diffrl.types import StepOutput
+
+
+def _per_sample(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Gather ``values[index]`` (``index`` ``[B]``) and shape it ``[B, 1, ..., 1]`` for broadcasting."""
+    return values.to(index.device)[index].view(-1, *([1] * (ndim - 1)))
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    noise_pred: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    with_logprob: bool = True,
+) -> StepOutput:
+    """One DDIM step x_t -> x_{t-1} with the log-probability of the action.
+
+    Args:
+        scheduler: a ``DDIMScheduler`` on which ``set_timesteps`` was called.
+        noise_pred: model output (epsilon, v or x_0 per ``prediction_type``), ``[B, C, h, w]``.
+        timestep: the current timestep t, an int or a ``[B]`` tensor (one per sample).
+        sample: the state x_t, ``[B, C, h, w]``.
+        eta: the DDIM stochasticity; must be > 0 when ``with_logprob`` (sigma_t = 0 has no
+            density); ``eta=0`` with ``with_logprob=False`` is the deterministic DDIM step.
+        prev_sample: an action x_{t-1} ``[B, C, h, w]`` to score instead of sampling one.
+        generator: RNG for the sampled noise (ignored when ``prev_sample`` is given).
+        with_logprob: compute ``log_prob`` (else it is None).
+
+    Returns:
+        :class:`StepOutput` with ``prev_sample`` ``[B, C, h, w]``, ``log_prob`` ``[B]`` float32
+        (element mean, see :mod:`diffrl.ops`) or None, ``mean`` and ``std`` ``[B, 1, 1, 1]``.
+        ``log_prob`` carries gradient to ``noise_pred``; the action itself is detached.
+    """
+    if with_logprob and eta <= 0:
+        raise ValueError(
+            f"eta={eta}: the DDIM policy needs eta > 0 to have a log-probability (sigma_t = 0 at eta=0)"
+        )
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob")
+    config = scheduler.config
+    batch, ndim = sample.shape[0], sample.ndim
+
+    # 1. previous timestep t - 1000/T, per sample
+    t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1).expand(batch)
+    prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
+
+    # 2. alpha_t and alpha_{t-1} (DDIM's alpha is the cumulative product ᾱ)
+    alphas_cumprod = scheduler.alphas_cumprod.to(sample.device, torch.float32)
+    alpha_prod_t = _per_sample(alphas_cumprod, t, ndim)
+    alpha_prod_prev = torch.where(
+        prev_t >= 0,
+        alphas_cumprod[prev_t.clamp(min=0)],
+        torch.as_tensor(float(scheduler.final_alpha_cumprod), device=sample.device),
+    ).view(-1, *([1] * (ndim - 1)))
+    beta_prod_t = 1 - alpha_prod_t
+
+    # 3. predicted x_0 and epsilon from the model output (Eq. 12, "predicted x_0")
+    if config.prediction_type == "epsilon":
+        pred_x0 = (sample - beta_prod_t.sqrt() * noise_pred) / alpha_prod_t.sqrt()
+        pred_eps = noise_pred
+    elif config.prediction_type == "sample":
+        pred_x0 = noise_pred
+        pred_eps = (sample - alpha_prod_t.sqrt() * pred_x0) / beta_prod_t.sqrt()
+    elif config.prediction_type == "v_prediction":
+        pred_x0 = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * noise_pred
+        pred_eps = alpha_prod_t.sqrt() * noise_pred + beta_prod_t.sqrt() * sample
+    else:
+        raise ValueError(f"unsupported scheduler prediction_type {config.prediction_type!r}")
+
+    # 4. clip or threshold x_0 as the scheduler is configured to
+    if config.thresholding:
+        pred_x0 = scheduler._threshold_sample(pred_x0)
+    elif config.clip_sample:
+        pred_x0 = pred_x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+
+    # 5. sigma_t(eta) (Eq. 16)
+    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    std = eta * variance.sqrt()
+
+    # 6. "direction pointing to x_t" and the mean of x_{t-1} (Eq. 12)
+    direction = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt() * pred_eps
+    mean = alpha_prod_prev.sqrt() * pred_x0 + direction
+
+    # 7. sample the action x_{t-1} = mean + sigma_t z unless one is given
+    if prev_sample is None and eta <= 0:
+        prev_sample = mean.to(sample.dtype)
+    elif prev_sample is None:
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        # stored in the model dtype; scored below exactly as it will be re-scored in training
+        prev_sample = (mean + std * noise).to(sample.dtype)
+    elif prev_sample.shape != sample.shape:
+        raise ValueError(
+            f"prev_sample shape {tuple(prev_sample.shape)} differs from sample shape {tuple(sample.shape)}"
+        )
+    prev_sample = prev_sample.detach()
+
+    # 8. log pi(x_{t-1} | x_t), element mean
+    log_prob = gaussian_logprob(prev_sample, mean, std) if with_logprob else None
+    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)

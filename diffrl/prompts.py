@@ -1,0 +1,77 @@
+"""Prompt sources: an inline list, a text file (one prompt per line), or a built-in set.
+
+Built-in sets follow DDPO (Black et al. 2024, Sec. 6): ``simple_animals`` (45 common animals,
+used for the aesthetic task) and ``nouns_activities`` ("<animal> <activity>", the prompt-alignment
+task's "a(n) [animal] [activity]" template).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SIMPLE_ANIMALS = (
+    "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
+    "wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog "
+    "chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo"
+).split()
+
+ACTIVITIES = (
+    "riding a bike",
+    "playing chess",
+    "washing the dishes",
+    "reading a book",
+    "cooking dinner",
+    "playing the piano",
+    "painting a picture",
+    "flying a kite",
+    "driving a car",
+    "taking a selfie",
+)
+
+
+@dataclass
+class PromptSource:
+    """A named, fixed list of prompts to draw training batches from."""
+
+    name: str
+    prompts: list[str]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[str]:
+        """``n`` prompts drawn uniformly with replacement (reproducible with ``generator``)."""
+        index = torch.randint(len(self.prompts), (n,), generator=generator)
+        return [self.prompts[i] for i in index.tolist()]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+BUILTIN_PROMPTS = {
+    "simple_animals": lambda: list(SIMPLE_ANIMALS),
+    "nouns_activities": lambda: [f"{_article(a)} {a} {act}" for a in SIMPLE_ANIMALS for act in ACTIVITIES],
+}
+
+
+def load_prompts(source: str | list[str]) -> PromptSource:
+    """A :class:`PromptSource` from a list of prompts, a built-in set name, or a text file path.
+
+    Text files hold one prompt per line; blank lines and lines starting with ``#`` are skipped.
+    """
+    if isinstance(source, (list, tuple)):
+        prompts, name = [str(p) for p in source], "inline"
+    elif source in BUILTIN_PROMPTS:
+        prompts, name = BUILTIN_PROMPTS[source](), source
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"prompt source {source!r}: no such file, and not a built-in set ({', '.join(BUILTIN_PROMPTS)})"
+            )
+        lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+        prompts, name = [line for line in lines if line and not line.startswith("#")], str(path)
+    if not prompts:
+        raise ValueError(f"prompt source {source!r} holds no prompts")
+    return PromptSource(name=name, prompts=prompts)

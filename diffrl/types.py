@@ -1,0 +1,63 @@
+"""Small dataclasses passed between the sampler, the rewards and the algorithms.
+
+Shapes: B = batch, T = number of sampler steps, C/h/w = latent channels/height/width,
+H/W = image height/width, L = text tokens, D = text embedding width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepOutput:
+    """One stochastic sampler step seen as a Gaussian policy pi(x_{t-1} | x_t).
+
+    Attributes:
+        prev_sample: the action x_{t-1}, ``[B, C, h, w]`` (sampled, or the one given to score).
+        log_prob: log pi(prev_sample | sample), element-mean convention, ``[B]`` float32
+            (None for a deterministic step, eta = 0).
+        mean: the policy mean mu_theta(x_t, t), ``[B, C, h, w]``.
+        std: the policy standard deviation sigma_t, ``[B, 1, 1, 1]`` (broadcasts over latents).
+    """
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor | None
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+@dataclass
+class Trajectory:
+    """A batch of denoising chains (the MDP episodes) and their decoded images.
+
+    Attributes:
+        prompts: the B prompts.
+        prompt_embeds: text embeddings of the prompts, ``[B, L, D]``.
+        negative_prompt_embeds: embeddings of the negative prompt, ``[B, L, D]``, or None when
+            sampled without classifier-free guidance.
+        latents: states x_T, ..., x_0 of every chain, ``[B, T+1, C, h, w]``;
+            ``latents[:, j]`` is the input of step j and ``latents[:, j+1]`` its action.
+        timesteps: the scheduler timestep of each step, ``[T]`` (long).
+        log_probs: log pi(latents[:, j+1] | latents[:, j]) at sampling time, ``[B, T]`` float32;
+            None for a deterministic chain (eta = 0), which has no density.
+        images: decoded final images, ``[B, 3, H, W]`` float32 in [0, 1].
+    """
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    log_probs: torch.Tensor | None
+    images: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of sampler steps (actions) in each chain."""
+        return self.timesteps.shape[0]

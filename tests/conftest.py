@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny pipelines built in code, once per session. Nothing is downloaded."""
+
+import os
+
+# Triton kernels run on CPU only in interpreter mode, which must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    from diffrl.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm():
+    from diffrl.testing import tiny_lcm_pipeline
+
+    pipe = tiny_lcm_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from diffrl.policies.ddim import ddim_step_with_logprob
+from diffrl.rollout import guided_noise_pred, sample_trajectories
+
+PROMPTS = ["a red circle", "a small blue square on the left", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def trajectory(tiny_sd):
+    return sample_trajectories(
+        tiny_sd, PROMPTS, num_steps=8, guidance_scale=5.0, eta=1.0, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def test_trajectory_shapes(trajectory):
+    assert trajectory.latents.shape == (3, 9, 4, 8, 8)
+    assert trajectory.log_probs.shape == (3, 8) and trajectory.log_probs.dtype == torch.float32
+    assert trajectory.timesteps.tolist() == list(range(876, 0, -125))
+    assert trajectory.images.shape == (3, 3, 32, 32)
+    assert 0 <= trajectory.images.min() and trajectory.images.max() <= 1
+    assert trajectory.prompt_embeds.shape == trajectory.negative_prompt_embeds.shape == (3, 77, 32)
+    assert not trajectory.latents.requires_grad and not trajectory.log_probs.requires_grad
+
+
+def test_rescoring_stored_actions_gives_zero_log_ratio(tiny_sd, trajectory):
+    """Re-score each stored transition as training does: per-sample shuffled timesteps."""
+    tr = trajectory
+    perm = torch.stack(
+        [torch.randperm(tr.num_steps, generator=torch.Generator().manual_seed(b)) for b in range(3)]
+    )
+    rows = torch.arange(3)
+    tiny_sd.scheduler.set_timesteps(tr.num_steps)
+    with torch.no_grad():
+        for j in range(tr.num_steps):
+            index = perm[:, j]
+            t = tr.timesteps[index]
+            noise_pred = guided_noise_pred(
+                tiny_sd.unet, tr.latents[rows, index], t, tr.prompt_embeds, tr.negative_prompt_embeds, 5.0
+            )
+            out = ddim_step_with_logprob(
+                tiny_sd.scheduler,
+                noise_pred,
+                t,
+                tr.latents[rows, index],
+                eta=1.0,
+                prev_sample=tr.latents[rows, index + 1],
+            )
+            assert (out.log_prob - tr.log_probs[rows, index]).abs().max() < 1e-5
+
+
+def test_same_generator_seed_reproduces_the_trajectory(tiny_sd, trajectory):
+    again = sample_trajectories(
+        tiny_sd, PROMPTS, num_steps=8, guidance_scale=5.0, eta=1.0, generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(again.latents, trajectory.latents, rtol=0, atol=0)
+
+
+def test_eta0_image_matches_diffusers_pipeline(tiny_sd):
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = sample_trajectories(tiny_sd, PROMPTS[:2], num_steps=10, guidance_scale=5.0, eta=0.0, latents=x_t)
+    reference = tiny_sd(
+        PROMPTS[:2], num_inference_steps=10, guidance_scale=5.0, eta=0.0, latents=x_t, output_type="pt"
+    ).images
+    assert ours.log_probs is None
+    torch.testing.assert_close(ours.images, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_no_guidance_uses_conditional_prediction_only(tiny_sd):
+    tr = sample_trajectories(
+        tiny_sd,
+        PROMPTS[:1],
+        num_steps=4,
+        guidance_scale=1.0,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert tr.negative_prompt_embeds is None
+    tiny_sd.scheduler.set_timesteps(4)
+    with torch.no_grad():
+        eps = tiny_sd.unet(tr.latents[:, 0], tr.timesteps[0], encoder_hidden_states=tr.prompt_embeds).sample
+        out = ddim_step_with_logprob(
+            tiny_sd.scheduler, eps, tr.timesteps[0], tr.latents[:, 0], prev_sample=tr.latents[:, 1]
+        )
+    torch.testing.assert_close(out.log_prob, tr.log_probs[:, 0], rtol=0, atol=1e-5)
+
+
+def test_bad_sizes_are_rejected_early(tiny_sd):
+    with pytest.raises(ValueError, match="multiples of 4"):
+        sample_trajectories(tiny_sd, ["x"], num_steps=2, height=30)
+    with pytest.raises(ValueError, match="latents shape"):
+        sample_trajectories(tiny_sd, ["x"], num_steps=2, latents=torch.zeros(2, 4, 8, 8))
