@@ -1,4 +1,4 @@
-"""Command line: ``diffrl sample`` (more subcommands arrive with their features)."""
+"""Command line: ``diffrl train`` and ``diffrl sample``."""
 
 from __future__ import annotations
 
@@ -35,11 +35,68 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_HELP = """\
+Fine-tune a diffusion model with RL as described by a YAML config.
+
+CONFIG is a YAML file with the sections model, sample, train, stat_tracking, reward, prompts and
+run (see configs/ for complete examples; every key has a default). Any key can be overridden
+after the file as section.key=value, the value parsed as YAML:
+
+  diffrl train configs/ddpo/tiny_compressibility.yaml train.learning_rate=1e-4 run.num_epochs=10
+  diffrl train configs/ddpo/sd15_aesthetic.yaml "prompts.source=[a cat, a dog]"
+
+Unknown keys, wrong types and out-of-range values are reported before any model loads.
+The run folder (run.output_dir/run.name) receives config.yaml, metrics.jsonl, samples/,
+reward_curve.png, checkpoints/ and lora/. --resume RUN_DIR_OR_CHECKPOINT continues a run at the
+epoch after its newest complete checkpoint (with the run's own config.yaml when CONFIG is omitted).
+Multi-process: accelerate launch scripts/train.py CONFIG [key=value ...]
+"""
+
+
+def _train(args: argparse.Namespace) -> int:
+    from diffrl.trainer import train
+
+    train(resolve_train_config(args.config, args.overrides, args.resume))
+    return 0
+
+
+def resolve_train_config(config_path: str | None, overrides: list[str], resume: str | None):
+    """The config of ``diffrl train``: the file (or, resuming without one, the run's own
+    config.yaml), the overrides, and ``run.resume_from`` when resuming."""
+    from diffrl.checkpoints import resolve_resume
+    from diffrl.config import ConfigError, load_config
+
+    overrides = list(overrides)
+    if config_path is not None and "=" in config_path:  # only overrides were given
+        overrides.insert(0, config_path)
+        config_path = None
+    if resume is not None:
+        run_dir, _ = resolve_resume(resume)
+        config_path = config_path or str(run_dir / "config.yaml")
+        overrides.append(f"run.resume_from={resume}")
+    if config_path is None:
+        raise ConfigError("diffrl train needs a CONFIG file (or --resume RUN_DIR)")
+    return load_config(config_path, overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffrl", description="RL fine-tuning and reward-guided sampling for diffusion models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="fine-tune with RL from a YAML config",
+        description=TRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", nargs="?", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    train.add_argument(
+        "--resume", metavar="PATH", help="run folder (its newest checkpoint) or checkpoint folder"
+    )
+    train.set_defaults(func=_train)
 
     sample = sub.add_parser("sample", help="sample images with the DDIM policy and optionally score them")
     sample.add_argument("model", help="built-in name (tiny-sd), local diffusers folder or hub id")
@@ -56,8 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffrl.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"diffrl: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

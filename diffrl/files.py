@@ -60,3 +60,50 @@ def save_png(image: Image.Image, path: str | Path) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file (empty when missing); a torn last line is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_metrics(path: str | Path, last_epoch: int) -> None:
+    """Keep only records with ``epoch <= last_epoch`` (atomic rewrite), so a resumed run does not
+    duplicate the epochs it repeats."""
+    kept = [r for r in read_jsonl(path) if r.get("epoch", -1) <= last_epoch]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def line_chart(values: list[float], title: str, size: tuple[int, int] = (480, 320)) -> Image.Image:
+    """A minimal PIL line chart of ``values`` against their index (x: epoch)."""
+    width, height = size
+    margin = 40
+    chart = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(chart)
+    draw.rectangle([margin, margin // 2, width - 10, height - margin], outline="black")
+    draw.text((margin, 4), title, fill="black")
+    if values:
+        low, high = min(values), max(values)
+        span = (high - low) or 1.0
+        x_step = (width - 10 - margin) / max(1, len(values) - 1)
+        points = [
+            (margin + i * x_step, height - margin - (v - low) / span * (height - 1.5 * margin))
+            for i, v in enumerate(values)
+        ]
+        if len(points) > 1:
+            draw.line(points, fill="blue", width=2)
+        for x, y in points:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill="blue")
+        draw.text((2, margin // 2), f"{high:.3g}", fill="black")
+        draw.text((2, height - margin - 10), f"{low:.3g}", fill="black")
+        draw.text((width // 2, height - margin + 8), f"epoch 0..{len(values) - 1}", fill="black")
+    return chart

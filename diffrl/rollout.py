@@ -46,11 +46,14 @@ def guided_noise_pred(
         prompt_embeds, negative_prompt_embeds: ``[B, L, D]``; without the negative (or with
             ``guidance_scale <= 1``) the UNet runs once on the conditional input only.
 
+    Latents are cast to the embeddings' dtype (the model dtype) for the call.
+
     Returns:
-        ``[B, C, h, w]`` in the UNet's dtype.
+        ``[B, C, h, w]`` float32.
     """
+    latents = latents.to(prompt_embeds.dtype)
     if negative_prompt_embeds is None or guidance_scale <= 1.0:
-        return unet(latents, timesteps, encoder_hidden_states=prompt_embeds, **unet_kwargs).sample
+        return unet(latents, timesteps, encoder_hidden_states=prompt_embeds, **unet_kwargs).sample.float()
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
     out = unet(
         torch.cat([latents, latents]),
@@ -58,7 +61,7 @@ def guided_noise_pred(
         encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
         **unet_kwargs,
     ).sample
-    uncond, cond = out.chunk(2)
+    uncond, cond = out.float().chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
 
@@ -98,7 +101,7 @@ def sample_trajectories(
     Returns:
         :class:`Trajectory`; no autograd graph is kept.
     """
-    device, dtype = pipe._execution_device, pipe.unet.dtype
+    device = pipe._execution_device
     scale = pipe.vae_scale_factor
     height = height or pipe.unet.config.sample_size * scale
     width = width or pipe.unet.config.sample_size * scale
@@ -109,10 +112,11 @@ def sample_trajectories(
 
     shape = (len(prompts), pipe.unet.config.in_channels, height // scale, width // scale)
     if latents is None:
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents shape {tuple(latents.shape)}, expected {shape}")
-    latents = latents.to(device, dtype) * pipe.scheduler.init_noise_sigma
+    # states and actions are kept in float32 whatever the model dtype (DESIGN.md: log-probs in fp32)
+    latents = latents.to(device, torch.float32) * pipe.scheduler.init_noise_sigma
 
     pipe.scheduler.set_timesteps(num_steps, device=device)
     timesteps = pipe.scheduler.timesteps

@@ -38,7 +38,7 @@ class Trajectory:
         prompt_embeds: text embeddings of the prompts, ``[B, L, D]``.
         negative_prompt_embeds: embeddings of the negative prompt, ``[B, L, D]``, or None when
             sampled without classifier-free guidance.
-        latents: states x_T, ..., x_0 of every chain, ``[B, T+1, C, h, w]``;
+        latents: states x_T, ..., x_0 of every chain, ``[B, T+1, C, h, w]`` float32;
             ``latents[:, j]`` is the input of step j and ``latents[:, j+1]`` its action.
         timesteps: the scheduler timestep of each step, ``[T]`` (long).
         log_probs: log pi(latents[:, j+1] | latents[:, j]) at sampling time, ``[B, T]`` float32;

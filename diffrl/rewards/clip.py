@@ -16,6 +16,10 @@ from torch import nn
 from diffrl.weights import load_state_dict, resolve_file
 
 
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_clip(model: str, pretrained: str | None, device: str | torch.device = "cpu") -> nn.Module:
     """An open_clip model by architecture name and pretrained tag or local checkpoint file.
 
@@ -80,7 +84,7 @@ def aesthetic(
     weights_file: str = "aesthetic-model.pth",
     clip_model: str = "ViT-L-14",
     clip_pretrained: str | None = "openai",
-    device: str = "cpu",
+    device: str | None = None,
     clip: nn.Module | None = None,
 ):
     """Reward factory: LAION aesthetic score of each image (about 1..10).
@@ -90,9 +94,11 @@ def aesthetic(
             ``weights_file``.
         clip_model, clip_pretrained: the CLIP ViT-L/14 backbone (open_clip name and tag or file).
         clip: an already built open_clip model to use instead (tests, sharing one backbone).
+        device: where the models run (default: the current CUDA device if any, else CPU).
 
     Returns ``(images, prompts, metadata) -> [B]`` float32.
     """
+    device = device or _default_device()
     mlp_state = load_state_dict(resolve_file(weights, weights_file))
     clip = clip if clip is not None else load_clip(clip_model, clip_pretrained, device)
     head = AestheticMLP(mlp_state["layers.0.weight"].shape[1])
@@ -111,13 +117,14 @@ def aesthetic(
 def clip_score(
     clip_model: str = "ViT-L-14",
     clip_pretrained: str | None = "openai",
-    device: str = "cpu",
+    device: str | None = None,
     clip: nn.Module | None = None,
 ):
     """Reward factory: CLIP score 100 * max(cos(image, text), 0) (Hessel et al. 2021, w = 100).
 
     Returns ``(images, prompts, metadata) -> [B]`` float32; typical SD values 27-31.
     """
+    device = device or _default_device()
     clip = clip if clip is not None else load_clip(clip_model, clip_pretrained, device)
     tokenizer = open_clip.get_tokenizer(clip_model)
 

@@ -1,0 +1,332 @@
+"""Run configuration: YAML -> typed dataclasses, dotted command-line overrides, early errors.
+
+A config file has the sections below; every field has a one-line doc and a default from the
+DDPO paper's PyTorch implementation. Override any field from the command line with
+``section.field=value`` (the value is parsed as YAML: ``train.learning_rate=1e-4``,
+``prompts.source=[a cat, a dog]``). Unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError` naming the key, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value is wrong; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "runwayml/stable-diffusion-v1-5"
+    """Built-in name (tiny-sd), local diffusers folder or hub id."""
+    revision: str | None = None
+    """Hub revision of ``pretrained``."""
+    use_lora: bool = True
+    """Train LoRA adapters on the UNet (else full fine-tuning with float32 master weights)."""
+    lora_rank: int = 4
+    """LoRA rank r."""
+    lora_alpha: float = 4.0
+    """LoRA alpha (scale = alpha / rank)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet module names that get LoRA adapters."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Dtype of frozen weights and autocast; LoRA and full fine-tuning weights stay float32."""
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    """Attention backend: xformers (the gpu extra, CUDA only), torch SDPA, or auto (xformers if usable)."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass to cut memory."""
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 50
+    """T, DDIM sampler steps per trajectory."""
+    eta: float = 1.0
+    """DDIM stochasticity; > 0 (1 = DDPM posterior) so that steps have log-probabilities."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance weight w."""
+    batch_size: int = 8
+    """Images per sampling batch, per process."""
+    num_batches_per_epoch: int = 4
+    """Sampling batches per epoch, per process."""
+    resolution: int | None = None
+    """Image side in pixels (default: the model's native size)."""
+    negative_prompt: str = ""
+    """Prompt of the unconditional branch of guidance."""
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 3e-4
+    """Adam learning rate (constant)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_weight_decay: float = 1e-4
+    """AdamW decoupled weight decay."""
+    adam_epsilon: float = 1e-8
+    """Adam epsilon."""
+    batch_size: int = 4
+    """Trajectories per training minibatch, per process."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches per optimizer step (each also accumulates over its trained timesteps)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    num_inner_epochs: int = 1
+    """Passes over each epoch's samples."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's T steps trained, in (0, 1]."""
+    cfg: bool = True
+    """Use classifier-free guidance in the training forward pass (the policy is the guided eps)."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
+    clip_range: float = 1e-4
+    """PPO ratio clip epsilon; assumes element-mean log-probs (DESIGN.md)."""
+
+
+@dataclass
+class StatTrackingConfig:
+    enabled: bool = True
+    """Per-prompt reward normalisation (else whole-batch normalisation)."""
+    buffer_size: int = 16
+    """Rewards remembered per prompt."""
+    min_count: int = 16
+    """Below this many rewards for a prompt, use the batch's mean and std."""
+
+
+@dataclass
+class RewardConfig:
+    name: str = "jpeg_compressibility"
+    """Built-in reward name or ``package.module:function``."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the reward factory."""
+
+
+@dataclass
+class PromptsConfig:
+    source: str | list[str] = "simple_animals"
+    """Built-in set name, text file path, or an inline list of prompts."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "ddpo"
+    """Run folder name under ``output_dir``."""
+    output_dir: str = "runs"
+    """Folder that holds run folders."""
+    seed: int = 42
+    """Seed of every random stream (process p uses seed + p for sampling)."""
+    num_epochs: int = 100
+    """Epochs to train (sampling + training each)."""
+    save_freq: int = 1
+    """Checkpoint every this many epochs (and after the last)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted."""
+    resume_from: str | None = None
+    """Checkpoint folder, or run folder (its latest checkpoint), to continue from."""
+    log_with: Literal["none", "tensorboard", "wandb"] = "none"
+    """Extra metrics tracker besides metrics.jsonl."""
+
+
+@dataclass
+class Config:
+    algorithm: Literal["ddpo"] = "ddpo"
+    """Training algorithm."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stat_tracking: StatTrackingConfig = field(default_factory=StatTrackingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------- typed building
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null")
+        return None
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    """Instantiate dataclass ``cls`` from ``data``, recursing into nested sections."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(
+                f"unknown key {dotted!r}; valid keys of {prefix.rstrip('.') or 'the top level'}: {', '.join(names)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(dotted, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return data
+
+
+# ---------------------------------------------------------------------------- value checks
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(config: Config) -> Config:
+    """Range and consistency checks that need no model; raises :class:`ConfigError`."""
+    s, t, st, r = config.sample, config.train, config.stat_tracking, config.run
+    for key, value in [
+        ("train.learning_rate", t.learning_rate),
+        ("train.adam_epsilon", t.adam_epsilon),
+        ("train.max_grad_norm", t.max_grad_norm),
+        ("train.adv_clip_max", t.adv_clip_max),
+        ("train.clip_range", t.clip_range),
+        ("sample.eta", s.eta),
+    ]:
+        _require(value > 0, key, f"must be > 0, got {value}")
+    _require(t.adam_weight_decay >= 0, "train.adam_weight_decay", f"must be >= 0, got {t.adam_weight_decay}")
+    for key, value in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
+        _require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
+    _require(
+        0 < t.timestep_fraction <= 1,
+        "train.timestep_fraction",
+        f"must be in (0, 1], got {t.timestep_fraction}",
+    )
+    for key, value in [
+        ("sample.num_steps", s.num_steps),
+        ("sample.batch_size", s.batch_size),
+        ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
+        ("train.batch_size", t.batch_size),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+        ("train.num_inner_epochs", t.num_inner_epochs),
+        ("stat_tracking.buffer_size", st.buffer_size),
+        ("stat_tracking.min_count", st.min_count),
+        ("run.num_epochs", r.num_epochs),
+        ("run.save_freq", r.save_freq),
+        ("run.keep_last", r.keep_last),
+        ("model.lora_rank", config.model.lora_rank),
+    ]:
+        _require(value >= 1, key, f"must be >= 1, got {value}")
+    _require(
+        int(s.num_steps * t.timestep_fraction) >= 1,
+        "train.timestep_fraction",
+        f"trains int({s.num_steps} * {t.timestep_fraction}) = 0 timesteps",
+    )
+    samples = s.batch_size * s.num_batches_per_epoch
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    _require(
+        samples % per_step == 0,
+        "train.batch_size",
+        f"sample.batch_size * sample.num_batches_per_epoch = {samples} samples per process must be a multiple "
+        f"of train.batch_size * train.gradient_accumulation_steps = {per_step} (whole optimizer steps per epoch)",
+    )
+    _require(
+        s.resolution is None or s.resolution > 0, "sample.resolution", f"must be > 0, got {s.resolution}"
+    )
+    return config
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or the defaults when ``path`` is None), apply overrides, check everything."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"config file {path}{where}: invalid YAML ({getattr(err, 'problem', err)})"
+            ) from err
+    return validate(_build(Config, apply_overrides(data, list(overrides)), ""))
+
+
+def to_dict(config: Config) -> dict:
+    """The config as plain data (for YAML dumps and trackers)."""
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Config) -> str:
+    """The resolved config as YAML text that :func:`load_config` reads back to an equal config."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

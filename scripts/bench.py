@@ -1,0 +1,127 @@
+"""Overhead of diffrl's rollout and training step over the bare UNet calls they need.
+
+On the built-in tiny pipeline (where Python overhead is most visible), measured side by side and
+interleaved (A, B, A, B, ...) in one process; medians over repeats:
+
+  (a) rollout: ``sample_trajectories`` (prompt encoding, T guided UNet calls, T policy steps with
+      log-probs, VAE decode) / the T bare guided UNet forwards on the same inputs;
+  (b) training: one DDPO minibatch (T trained timesteps: guided forward, log-prob, PPO loss,
+      backward, clip, Adam step) / the T bare UNet forward+backward passes on the same inputs.
+
+Target: both ratios <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from accelerate import Accelerator
+
+from diffrl.config import load_config
+from diffrl.pipelines import load_pipeline
+from diffrl.rollout import sample_trajectories
+from diffrl.trainer import Streams, prepare_unet, stack_epoch, train_epoch
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench(steps: int, batch: int, repeats: int) -> dict:
+    config = load_config(
+        None,
+        [
+            "model.pretrained=tiny-sd",
+            f"sample.num_steps={steps}",
+            f"sample.batch_size={batch}",
+            "sample.num_batches_per_epoch=1",
+            f"train.batch_size={batch}",
+        ],
+    )
+    pipe = load_pipeline("tiny-sd")
+    params = prepare_unet(pipe, config, torch.float32)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    unet, prompts = pipe.unet, [f"a red circle {i}" for i in range(batch)]
+    generator = torch.Generator().manual_seed(0)
+    traj = sample_trajectories(pipe, prompts, num_steps=steps, generator=generator)
+    embeds = torch.cat([traj.negative_prompt_embeds, traj.prompt_embeds])
+    inputs = [torch.cat([traj.latents[:, j]] * 2) for j in range(steps)]
+    t2 = [torch.full((2 * batch,), int(t)) for t in traj.timesteps]
+
+    def rollout():
+        sample_trajectories(pipe, prompts, num_steps=steps, generator=generator)
+
+    @torch.no_grad()
+    def bare_forward():
+        for x, t in zip(inputs, t2):
+            unet(x, t, encoder_hidden_states=embeds)
+
+    data, advantages = stack_epoch([traj]), torch.randn(batch)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=steps)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    streams = Streams.seeded(0, 0)
+
+    def train_step():
+        train_epoch(unet, pipe, data, advantages, config, optimizer, params, streams, accelerator, False)
+
+    def bare_backward():
+        for x, t in zip(inputs, t2):
+            unet(x, t, encoder_hidden_states=embeds).sample.float().pow(2).mean().backward()
+        optimizer.zero_grad()
+
+    for fn in (rollout, bare_forward, train_step, bare_backward):  # warm-up
+        fn()
+    times = {name: [] for name in ("rollout", "bare_forward", "train_step", "bare_backward")}
+    for _ in range(repeats):
+        for name, fn in (
+            ("rollout", rollout),
+            ("bare_forward", bare_forward),
+            ("train_step", train_step),
+            ("bare_backward", bare_backward),
+        ):
+            times[name].append(_timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "steps": steps,
+        "batch": batch,
+        "repeats": repeats,
+        "median_seconds": med,
+        "rollout_ratio": med["rollout"] / med["bare_forward"],
+        "train_ratio": med["train_step"] / med["bare_backward"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    result = bench(args.steps, args.batch, args.repeats)
+    med = result["median_seconds"]
+    print(f"tiny-sd, T={args.steps}, batch={args.batch}, median of {args.repeats} interleaved repeats")
+    print("| measure | diffrl (s) | bare UNet (s) | ratio | target |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| rollout | {med['rollout']:.4f} | {med['bare_forward']:.4f} | {result['rollout_ratio']:.3f} | <= 1.05 |"
+    )
+    print(
+        f"| training step | {med['train_step']:.4f} | {med['bare_backward']:.4f} | {result['train_ratio']:.3f} | <= 1.05 |"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
