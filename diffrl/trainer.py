@@ -276,6 +276,78 @@ def write_epoch_outputs(
 # ============================================================================ the loop
 
 
+def build_policy(config: Config, accelerator: Accelerator):
+    """Load the pipeline, attach what is trained, build AdamW and let accelerate wrap the UNet
+    (LoRA lives inside the DDP module, so its gradients are all-reduced).
+
+    Returns ``(pipe, unet, params, optimizer)``; ``unet`` is the wrapped training module and
+    ``pipe.unet`` the same weights, unwrapped, for sampling and saving.
+    """
+    m, t = config.model, config.train
+    set_seed(config.run.seed)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.mixed_precision]
+    pipe = load_pipeline(m.pretrained, revision=m.revision, device=accelerator.device)
+    set_attention(pipe.unet, m.attention, accelerator.device)
+    params = prepare_unet(pipe, config, weight_dtype)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.adam_weight_decay,
+        eps=t.adam_epsilon,
+    )
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    return pipe, unet, params, optimizer
+
+
+def open_run(config: Config, accelerator: Accelerator, pipe, optimizer, tracker, streams) -> tuple[Path, int]:
+    """Create (or, resuming, restore) the run folder; returns ``(run_dir, first epoch to run)``.
+
+    Resuming restores weights, optimizer, RNG streams and stat tracker from the checkpoint and
+    drops metrics of epochs after it, so none are duplicated.
+    """
+    run_dir, start_epoch = Path(config.run.output_dir) / config.run.name, 0
+    if config.run.resume_from:
+        run_dir, checkpoint = resolve_resume(config.run.resume_from)
+        state, rng = load_checkpoint(checkpoint, pipe.unet, optimizer, accelerator.process_index)
+        streams.load(rng)
+        if tracker is not None and state.get("tracker"):
+            tracker.load_state_dict(state["tracker"])
+        start_epoch = state["epoch"] + 1
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.yaml", dump_yaml(config).encode())
+        if start_epoch > 0:
+            truncate_metrics(run_dir / "metrics.jsonl", start_epoch - 1)
+    if config.run.log_with != "none":
+        accelerator.init_trackers(config.run.name, config=_flat(to_dict(config)))
+    accelerator.wait_for_everyone()
+    return run_dir, start_epoch
+
+
+def save_epoch(
+    run_dir: Path, epoch: int, config: Config, pipe, optimizer, tracker, streams, accelerator
+) -> None:
+    """Checkpoint after ``epoch`` (every process takes part), prune old ones, export the weights."""
+    save_checkpoint(
+        run_dir,
+        epoch,
+        pipe.unet,
+        optimizer,
+        streams.state(),
+        {"tracker": tracker.state_dict() if tracker else None},
+        accelerator.process_index,
+        accelerator.is_main_process,
+        accelerator.wait_for_everyone,
+    )
+    if accelerator.is_main_process:
+        prune_checkpoints(run_dir, config.run.keep_last)
+        if config.model.use_lora:
+            save_lora(pipe, run_dir)
+        else:
+            pipe.unet.save_pretrained(run_dir / "unet")
+
+
 def train(config: Config):
     """Run DDPO as configured; returns the pipeline holding the trained weights (on every process)."""
     accelerator = Accelerator(
@@ -287,53 +359,16 @@ def train(config: Config):
         project_dir=config.run.output_dir,
     )
     check_environment(config, accelerator.device)
-    run_dir, checkpoint = Path(config.run.output_dir) / config.run.name, None
     if config.run.resume_from:
-        run_dir, checkpoint = resolve_resume(config.run.resume_from)
+        resolve_resume(config.run.resume_from)  # a missing checkpoint fails before the model loads
     source = load_prompts(config.prompts.source)
     reward_fn = rewards.get(config.reward.name, **config.reward.kwargs)
     progress = accelerator.is_local_main_process and sys.stderr.isatty()
-
-    # model
-    set_seed(config.run.seed)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        config.model.mixed_precision
-    ]
-    pipe = load_pipeline(config.model.pretrained, revision=config.model.revision, device=accelerator.device)
-    set_attention(pipe.unet, config.model.attention, accelerator.device)
-    params = prepare_unet(pipe, config, weight_dtype)
-    t = config.train
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=t.learning_rate,
-        betas=(t.adam_beta1, t.adam_beta2),
-        weight_decay=t.adam_weight_decay,
-        eps=t.adam_epsilon,
-    )
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)  # LoRA lives inside the DDP module
-    tracker = (
-        PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
-        if config.stat_tracking.enabled
-        else None
-    )
+    st = config.stat_tracking
+    tracker = PerPromptStatTracker(st.buffer_size, st.min_count) if st.enabled else None
     streams = Streams.seeded(config.run.seed, accelerator.process_index)
-
-    # run folder and resume
-    start_epoch = 0
-    if checkpoint is not None:
-        state, rng = load_checkpoint(checkpoint, pipe.unet, optimizer, accelerator.process_index)
-        streams.load(rng)
-        if tracker is not None and state.get("tracker"):
-            tracker.load_state_dict(state["tracker"])
-        start_epoch = state["epoch"] + 1
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.yaml", dump_yaml(config).encode())
-        if checkpoint is not None:
-            truncate_metrics(run_dir / "metrics.jsonl", start_epoch - 1)
-    if config.run.log_with != "none":
-        accelerator.init_trackers(config.run.name, config=_flat(to_dict(config)))
-    accelerator.wait_for_everyone()
+    pipe, unet, params, optimizer = build_policy(config, accelerator)
+    run_dir, start_epoch = open_run(config, accelerator, pipe, optimizer, tracker, streams)
 
     for epoch in range(start_epoch, config.run.num_epochs):
         # sampling and rewards
@@ -377,25 +412,8 @@ def train(config: Config):
         # outputs and checkpoint
         if accelerator.is_main_process:
             write_epoch_outputs(run_dir, epoch, record, trajectories[0], local_rewards)
-        last = epoch == config.run.num_epochs - 1
-        if (epoch + 1) % config.run.save_freq == 0 or last:
-            save_checkpoint(
-                run_dir,
-                epoch,
-                pipe.unet,
-                optimizer,
-                streams.state(),
-                {"tracker": tracker.state_dict() if tracker else None},
-                accelerator.process_index,
-                accelerator.is_main_process,
-                accelerator.wait_for_everyone,
-            )
-            if accelerator.is_main_process:
-                prune_checkpoints(run_dir, config.run.keep_last)
-                if config.model.use_lora:
-                    save_lora(pipe, run_dir)
-                else:
-                    pipe.unet.save_pretrained(run_dir / "unet")
+        if (epoch + 1) % config.run.save_freq == 0 or epoch == config.run.num_epochs - 1:
+            save_epoch(run_dir, epoch, config, pipe, optimizer, tracker, streams, accelerator)
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return pipe
