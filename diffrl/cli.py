@@ -1,9 +1,10 @@
-"""Command line: ``diffrl train`` and ``diffrl sample``."""
+"""Command line: ``diffrl train``, ``diffrl eval`` and ``diffrl sample``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -79,6 +80,36 @@ def resolve_train_config(config_path: str | None, overrides: list[str], resume: 
     return load_config(config_path, overrides)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from diffrl.evaluation import evaluate, load_for_eval, markdown_table
+    from diffrl.prompts import load_prompts
+
+    source = load_prompts(args.prompts)
+    reward_fn = rewards.get(args.reward)
+    results = {}
+    for model in args.models:
+        pipe, run_config = load_for_eval(model)
+        sample = run_config.sample if run_config is not None else None
+        results[model] = evaluate(
+            pipe,
+            source.prompts,
+            reward_fn,
+            num_images=args.num_images,
+            num_steps=args.num_steps or (sample.num_steps if sample else 20),
+            guidance_scale=args.guidance_scale
+            if args.guidance_scale is not None
+            else (sample.guidance_scale if sample else 5.0),
+            eta=args.eta if args.eta is not None else (sample.eta if sample else 1.0),
+            seed=args.seed,
+        )
+    print(markdown_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffrl", description="RL fine-tuning and reward-guided sampling for diffusion models."
@@ -97,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="PATH", help="run folder (its newest checkpoint) or checkpoint folder"
     )
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="score pipelines or trained runs on a fixed seeded prompt set")
+    ev.add_argument("models", nargs="+", metavar="PIPELINE_OR_RUN", help="model name/path or run folder")
+    ev.add_argument("--prompts", required=True, help="prompt set name, text file, or toy_heldout_single etc.")
+    ev.add_argument("--reward", required=True, help="reward name or package.module:function")
+    ev.add_argument("--num-images", type=int, default=64)
+    ev.add_argument("--num-steps", type=int, default=None, help="default: the run's, else 20")
+    ev.add_argument("--guidance-scale", type=float, default=None, help="default: the run's, else 5")
+    ev.add_argument("--eta", type=float, default=None, help="default: the run's, else 1")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", default=None, help="also write the results here")
+    ev.set_defaults(func=_eval)
 
     sample = sub.add_parser("sample", help="sample images with the DDIM policy and optionally score them")
     sample.add_argument("model", help="built-in name (tiny-sd), local diffusers folder or hub id")

@@ -23,6 +23,11 @@ BUILTIN_PIPELINES: dict[str, Callable[[], DiffusionPipeline]] = {
 }
 """Names that :func:`load_pipeline` resolves without any file: randomly initialised tiny models."""
 
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED_PIPELINES = {"tiny": ASSETS / "tiny"}
+"""Pretrained pipelines shipped inside the package (diffusers folders, loaded with from_pretrained).
+``tiny``: a ~2M-parameter text-to-image model of the toy world (scripts/pretrain_tiny.py)."""
+
 
 class PipelineNotFoundError(OSError):
     """The named pipeline is neither built in, a local diffusers folder, nor in the hub cache."""
@@ -47,7 +52,7 @@ def _read_model_index(name_or_path: str, revision: str | None, local_files_only:
             f"{name_or_path}: could not load model_index.json from the hub or its cache ({type(err).__name__}). "
             "Offline, download the model elsewhere (e.g. `huggingface-cli download "
             f"{name_or_path} --local-dir DIR`), copy DIR here and pass its path instead of the hub id; "
-            f"built-in names: {', '.join(BUILTIN_PIPELINES)}"
+            f"built-in names: {', '.join([*SHIPPED_PIPELINES, *BUILTIN_PIPELINES])}"
         ) from err
 
 
@@ -63,7 +68,8 @@ def load_pipeline(
     """Load a pipeline ready for diffrl: SD with a ``DDIMScheduler``, or an LCM with its ``LCMScheduler``.
 
     Args:
-        name_or_path: a built-in name (``tiny-sd``, ``tiny-lcm``), a local diffusers folder, or a
+        name_or_path: a shipped model (``tiny``), a built-in random test model (``tiny-sd``,
+            ``tiny-lcm``), a local diffusers folder, or a
             hub id (``CompVis/stable-diffusion-v1-4``, ``SimianLuo/LCM_Dreamshaper_v7``).
         revision: hub revision; torch_dtype: weights dtype; device: where to move the pipeline.
         local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
@@ -71,6 +77,8 @@ def load_pipeline(
 
     The safety checker is always off (rewards see raw images). Progress bars are disabled.
     """
+    if name_or_path in SHIPPED_PIPELINES:
+        name_or_path = str(SHIPPED_PIPELINES[name_or_path])
     if name_or_path in BUILTIN_PIPELINES:
         pipe = BUILTIN_PIPELINES[name_or_path]()
         if torch_dtype is not None:

@@ -2,7 +2,8 @@
 
 Built-in sets follow DDPO (Black et al. 2024, Sec. 6): ``simple_animals`` (45 common animals,
 used for the aesthetic task) and ``nouns_activities`` ("<animal> <activity>", the prompt-alignment
-task's "a(n) [animal] [activity]" template).
+task's "a(n) [animal] [activity]" template). The toy world's fixed splits are
+``toy_{train,heldout}_{single,pair,all}`` (see :mod:`diffrl.toyworld`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from diffrl import toyworld
 
 SIMPLE_ANIMALS = (
     "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
@@ -52,6 +55,11 @@ def _article(word: str) -> str:
 BUILTIN_PROMPTS = {
     "simple_animals": lambda: list(SIMPLE_ANIMALS),
     "nouns_activities": lambda: [f"{_article(a)} {a} {act}" for a in SIMPLE_ANIMALS for act in ACTIVITIES],
+    **{
+        f"toy_{split}_{kind}": (lambda split=split, kind=kind: toyworld.prompts(split, kind))
+        for split in ("train", "heldout")
+        for kind in ("single", "pair", "all")
+    },
 }
 
 

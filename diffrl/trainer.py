@@ -130,10 +130,10 @@ class Streams:
 
 def sample_epoch(pipe, config: Config, source, reward_fn, streams: Streams, accelerator, progress: bool):
     """Sample ``num_batches_per_epoch`` batches; each batch's reward runs in a worker thread while
-    the next batch samples. Returns (trajectories, local rewards ``[N]``, seconds sampling,
-    seconds waiting for rewards)."""
+    the next batch samples. Returns (trajectories, local rewards ``[N]``, the N metadata dicts the
+    reward filled in, seconds sampling, seconds waiting for rewards)."""
     s = config.sample
-    trajectories, futures, t0 = [], [], time.perf_counter()
+    trajectories, futures, metadata, t0 = [], [], [], time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
         for _ in tqdm(range(s.num_batches_per_epoch), desc="sampling", disable=not progress, leave=False):
             prompts = source.sample(s.batch_size, streams.prompts)
@@ -150,10 +150,46 @@ def sample_epoch(pipe, config: Config, source, reward_fn, streams: Streams, acce
                     negative_prompt=s.negative_prompt,
                 )
             trajectories.append(traj)
-            futures.append(pool.submit(reward_fn, traj.images, traj.prompts, [{} for _ in prompts]))
+            batch_metadata = [{} for _ in prompts]
+            metadata += batch_metadata
+            futures.append(pool.submit(reward_fn, traj.images, traj.prompts, batch_metadata))
         t1 = time.perf_counter()
         local_rewards = torch.cat([f.result() for f in futures])
-    return trajectories, local_rewards, t1 - t0, time.perf_counter() - t1
+    return trajectories, local_rewards, metadata, t1 - t0, time.perf_counter() - t1
+
+
+def metadata_means(metadata: list[dict], accelerator) -> dict[str, float]:
+    """Mean over all processes' samples of every numeric value rewards wrote into the metadata
+    (e.g. ``exact_match`` of ``shapes_alignment``), as ``{"reward_<key>": mean}``."""
+    if accelerator.num_processes > 1:
+        metadata = gather_object(metadata)
+    values: dict[str, list[float]] = {}
+    for meta in metadata:
+        for key, value in meta.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values.setdefault(key, []).append(float(value))
+    return {f"reward_{k}": sum(v) / len(v) for k, v in values.items()}
+
+
+def fixed_sample_grid(pipe, config: Config, source, reward_fn, path: Path) -> None:
+    """A grid of the first 16 prompts of the source sampled from a fixed seed, with rewards:
+    written before training (``samples/before.png``) and after it (``samples/after.png``)."""
+    s = config.sample
+    prompts = [source.prompts[i % len(source.prompts)] for i in range(16)]
+    traj = sample_trajectories(
+        pipe,
+        prompts,
+        num_steps=s.num_steps,
+        guidance_scale=s.guidance_scale,
+        eta=s.eta,
+        generator=torch.Generator().manual_seed(config.run.seed),
+        height=s.resolution,
+        width=s.resolution,
+        negative_prompt=s.negative_prompt,
+    )
+    values = reward_fn(traj.images, prompts, [{} for _ in prompts])
+    captions = [f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values.tolist())]
+    save_png(image_grid(traj.images, captions), path)
 
 
 def stack_epoch(trajectories) -> dict[str, torch.Tensor]:
@@ -369,11 +405,13 @@ def train(config: Config):
     streams = Streams.seeded(config.run.seed, accelerator.process_index)
     pipe, unet, params, optimizer = build_policy(config, accelerator)
     run_dir, start_epoch = open_run(config, accelerator, pipe, optimizer, tracker, streams)
+    if start_epoch == 0 and accelerator.is_main_process:
+        fixed_sample_grid(pipe, config, source, reward_fn, run_dir / "samples" / "before.png")
 
     for epoch in range(start_epoch, config.run.num_epochs):
         # sampling and rewards
         pipe.unet.eval()
-        trajectories, local_rewards, t_sample, t_reward = sample_epoch(
+        trajectories, local_rewards, metadata, t_sample, t_reward = sample_epoch(
             pipe, config, source, reward_fn, streams, accelerator, progress
         )
         prompts = [p for traj in trajectories for p in traj.prompts]
@@ -398,6 +436,7 @@ def train(config: Config):
             "reward_mean": all_rewards.mean().item(),
             "reward_std": all_rewards.std(unbiased=False).item(),
             "num_samples": all_rewards.numel(),
+            **metadata_means(metadata, accelerator),
             **{
                 k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
                 for k, v in stats.items()
@@ -415,6 +454,8 @@ def train(config: Config):
         if (epoch + 1) % config.run.save_freq == 0 or epoch == config.run.num_epochs - 1:
             save_epoch(run_dir, epoch, config, pipe, optimizer, tracker, streams, accelerator)
         accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        fixed_sample_grid(pipe, config, source, reward_fn, run_dir / "samples" / "after.png")
     accelerator.end_training()
     return pipe
 

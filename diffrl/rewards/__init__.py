@@ -15,6 +15,7 @@ import torch
 
 from diffrl.rewards.clip import aesthetic, clip_score
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
+from diffrl.rewards.shapes import shapes_alignment
 
 RewardFn = Callable[[torch.Tensor, list, list], torch.Tensor]
 
@@ -23,6 +24,7 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "jpeg_incompressibility": jpeg_incompressibility,
     "aesthetic": aesthetic,
     "clip_score": clip_score,
+    "shapes_alignment": shapes_alignment,
 }
 """Built-in reward factories by name."""
 

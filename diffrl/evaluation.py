@@ -1,0 +1,110 @@
+"""Evaluation of a pipeline or a trained run on a fixed, seeded prompt set: mean reward and its
+standard error, exact-match rate (for rewards that report one), and diversity."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffrl.config import load_config
+from diffrl.pipelines import load_pipeline
+from diffrl.rollout import sample_trajectories
+
+
+def load_for_eval(name_or_run: str):
+    """A pipeline by name/path, or a run folder's trained model: its base ``model.pretrained`` with
+    ``lora/`` loaded through diffusers (or its fully fine-tuned ``unet/``). Returns ``(pipe, run config | None)``."""
+    run = Path(name_or_run)
+    if not (run / "config.yaml").is_file():
+        return load_pipeline(name_or_run), None
+    config = load_config(run / "config.yaml")
+    pipe = load_pipeline(config.model.pretrained, revision=config.model.revision)
+    if (run / "lora").is_dir():
+        pipe.load_lora_weights(str(run / "lora"))
+    elif (run / "unet").is_dir():
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(run / "unet"))
+    else:
+        raise FileNotFoundError(f"{run}: a run folder without trained weights (no lora/ or unet/)")
+    return pipe, config
+
+
+def diversity(images: torch.Tensor) -> float:
+    """1 - mean pairwise cosine similarity of image features, ``[N, 3, H, W]`` -> float.
+
+    Features are the images average-pooled to 16x16 and centred per image (so a shared
+    background does not count as similarity). 0 when all images are equal.
+    """
+    n = images.shape[0]
+    if n < 2:
+        return 0.0
+    features = F.adaptive_avg_pool2d(images.float(), 16).flatten(1)
+    features = F.normalize(features - features.mean(dim=1, keepdim=True), dim=1)
+    similarity = features @ features.T
+    off_diagonal = (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))
+    return float(1 - off_diagonal)
+
+
+@torch.no_grad()
+def evaluate(
+    pipe,
+    prompts: list[str],
+    reward_fn,
+    *,
+    num_images: int,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    seed: int,
+    batch_size: int = 32,
+) -> dict:
+    """Sample ``num_images`` images for ``prompts`` (cycled in order) from generator ``seed``; score them.
+
+    Returns ``{"reward_mean", "reward_stderr", "exact_match" (or None), "diversity", "num_images",
+    "attributes": {name: mean}}``.
+    """
+    chosen = [prompts[i % len(prompts)] for i in range(num_images)]
+    generator = torch.Generator().manual_seed(seed)
+    images, rewards, metadata = [], [], []
+    for start in range(0, num_images, batch_size):
+        batch = chosen[start : start + batch_size]
+        traj = sample_trajectories(
+            pipe, batch, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, generator=generator
+        )
+        meta = [{} for _ in batch]
+        rewards.append(reward_fn(traj.images, batch, meta))
+        images.append(traj.images)
+        metadata += meta
+    rewards = torch.cat(rewards)
+    keys = sorted({k for m in metadata for k, v in m.items() if isinstance(v, (int, float))})
+    attributes = {k: sum(m[k] for m in metadata if k in m) / sum(k in m for m in metadata) for k in keys}
+    return {
+        "num_images": num_images,
+        "reward_mean": rewards.mean().item(),
+        "reward_stderr": (rewards.std().item() / math.sqrt(num_images)) if num_images > 1 else 0.0,
+        "exact_match": attributes.pop("exact_match", None),
+        "diversity": diversity(torch.cat(images)),
+        "attributes": attributes,
+    }
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    """Results of :func:`evaluate` for several models as one markdown table."""
+    names = sorted({a for r in rows.values() for a in r["attributes"]})
+    head = ["model", "reward (± s.e.)", "exact match", "diversity", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, r in rows.items():
+        exact = "—" if r["exact_match"] is None else f"{r['exact_match']:.3f}"
+        cells = [
+            model,
+            f"{r['reward_mean']:.4f} ± {r['reward_stderr']:.4f}",
+            exact,
+            f"{r['diversity']:.3f}",
+            *(f"{r['attributes'].get(n, float('nan')):.3f}" for n in names),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
