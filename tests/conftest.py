@@ -5,6 +5,9 @@ import os
 # Triton kernels run on CPU only in interpreter mode, which must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The interpreter is slow: outside tests/test_kernels.py (which selects the kernels itself, and checks
+# a DDPO step with both) the suite runs the torch references.
+os.environ.setdefault("DIFFRL_KERNELS", "torch")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

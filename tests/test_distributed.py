@@ -53,7 +53,11 @@ def test_two_processes_keep_identical_lora_and_gather_rewards(tmp_path):
     # each rank computed its own rewards; the logged epoch mean is over both ranks' samples
     # (batches of 4 are training samples; rank 0 also scores 16-image before/after grids)
     local = {
-        r: [b for b in map(json.loads, (tmp_path / f"rewards_rank{r}.jsonl").read_text().splitlines()) if len(b) == 4]
+        r: [
+            b
+            for b in map(json.loads, (tmp_path / f"rewards_rank{r}.jsonl").read_text().splitlines())
+            if len(b) == 4
+        ]
         for r in (0, 1)
     }
     assert local[0] != local[1]

@@ -21,7 +21,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffrl.ops import gaussian_logprob
+from diffrl.ops import fused_ddim_step_logprob, gaussian_logprob, use_triton
 from diffrl.types import StepOutput
 
 
@@ -64,6 +64,10 @@ def ddim_step_with_logprob(
         )
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob")
+    if prev_sample is not None and prev_sample.shape != sample.shape:
+        raise ValueError(
+            f"prev_sample shape {tuple(prev_sample.shape)} differs from sample shape {tuple(sample.shape)}"
+        )
     config = scheduler.config
     batch, ndim = sample.shape[0], sample.ndim
 
@@ -81,7 +85,32 @@ def ddim_step_with_logprob(
     ).view(-1, *([1] * (ndim - 1)))
     beta_prod_t = 1 - alpha_prod_t
 
-    # 3. predicted x_0 and epsilon from the model output (Eq. 12, "predicted x_0")
+    # 3. sigma_t(eta) (Eq. 16)
+    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    std = eta * variance.sqrt()
+    noise = None
+    if prev_sample is None and eta > 0:
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+
+    # fused path: without clipping the mean is affine in (x_t, model output); one kernel pass
+    if (
+        with_logprob
+        and not (config.thresholding or config.clip_sample)
+        and use_triton(sample, noise_pred, op="ddim step")
+    ):
+        a, b = affine_coefficients(config.prediction_type, alpha_prod_t, alpha_prod_prev, std)
+        mean, prev, log_prob = fused_ddim_step_logprob(
+            sample,
+            noise_pred,
+            a,
+            b,
+            std,
+            noise=noise,
+            prev_sample=None if prev_sample is None else prev_sample.detach(),
+        )
+        return StepOutput(prev_sample=prev.detach(), log_prob=log_prob, mean=mean, std=std)
+
+    # 4. predicted x_0 and epsilon from the model output (Eq. 12, "predicted x_0")
     if config.prediction_type == "epsilon":
         pred_x0 = (sample - beta_prod_t.sqrt() * noise_pred) / alpha_prod_t.sqrt()
         pred_eps = noise_pred
@@ -94,33 +123,44 @@ def ddim_step_with_logprob(
     else:
         raise ValueError(f"unsupported scheduler prediction_type {config.prediction_type!r}")
 
-    # 4. clip or threshold x_0 as the scheduler is configured to
+    # 5. clip or threshold x_0 as the scheduler is configured to
     if config.thresholding:
         pred_x0 = scheduler._threshold_sample(pred_x0)
     elif config.clip_sample:
         pred_x0 = pred_x0.clamp(-config.clip_sample_range, config.clip_sample_range)
 
-    # 5. sigma_t(eta) (Eq. 16)
-    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
-    std = eta * variance.sqrt()
-
     # 6. "direction pointing to x_t" and the mean of x_{t-1} (Eq. 12)
     direction = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt() * pred_eps
     mean = alpha_prod_prev.sqrt() * pred_x0 + direction
 
-    # 7. sample the action x_{t-1} = mean + sigma_t z unless one is given
-    if prev_sample is None and eta <= 0:
-        prev_sample = mean.to(sample.dtype)
-    elif prev_sample is None:
-        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        # stored in the model dtype; scored below exactly as it will be re-scored in training
-        prev_sample = (mean + std * noise).to(sample.dtype)
-    elif prev_sample.shape != sample.shape:
-        raise ValueError(
-            f"prev_sample shape {tuple(prev_sample.shape)} differs from sample shape {tuple(sample.shape)}"
-        )
+    # 7. the action x_{t-1} = mean + sigma_t z (stored in the sample dtype and scored as stored),
+    #    the deterministic mean at eta = 0, or the given one
+    if prev_sample is None:
+        prev_sample = mean.to(sample.dtype) if noise is None else (mean + std * noise).to(sample.dtype)
     prev_sample = prev_sample.detach()
 
     # 8. log pi(x_{t-1} | x_t), element mean
     log_prob = gaussian_logprob(prev_sample, mean, std) if with_logprob else None
     return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+
+
+def affine_coefficients(
+    prediction_type: str, alpha_prod_t: torch.Tensor, alpha_prod_prev: torch.Tensor, std: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with mean = a x_t + b model_output, the unclipped DDIM mean (Eq. 12) written out.
+
+    With c = sqrt(1 - ᾱ_{t-1} - sigma_t^2) and x_0, eps expressed through the model output:
+      epsilon:      a = sqrt(ᾱ_{t-1} / ᾱ_t),                   b = c - sqrt(ᾱ_{t-1} (1 - ᾱ_t) / ᾱ_t)
+      v_prediction: a = sqrt(ᾱ_{t-1} ᾱ_t) + c sqrt(1 - ᾱ_t),   b = c sqrt(ᾱ_t) - sqrt(ᾱ_{t-1} (1 - ᾱ_t))
+      sample:       a = c / sqrt(1 - ᾱ_t),                     b = sqrt(ᾱ_{t-1}) - c sqrt(ᾱ_t / (1 - ᾱ_t))
+    All tensors ``[B, 1, ..., 1]``; returns the same shape.
+    """
+    c = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt()
+    sa_t, sb_t, sa_prev = alpha_prod_t.sqrt(), (1 - alpha_prod_t).sqrt(), alpha_prod_prev.sqrt()
+    if prediction_type == "epsilon":
+        return sa_prev / sa_t, c - sa_prev * sb_t / sa_t
+    if prediction_type == "v_prediction":
+        return sa_prev * sa_t + c * sb_t, c * sa_t - sa_prev * sb_t
+    if prediction_type == "sample":
+        return c / sb_t, sa_prev - c * sa_t / sb_t
+    raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
