@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from diffrl import rewards
 from diffrl.algorithms.ddpo import compute_advantages, ppo_loss
 from diffrl.checkpoints import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
-from diffrl.config import Config, ConfigError, dump_yaml, to_dict
+from diffrl.config import Config, ConfigError, SampleConfig, dump_yaml, to_dict
 from diffrl.files import (
     append_jsonl,
     atomic_write_bytes,
@@ -128,6 +128,21 @@ class Streams:
 # ============================================================================ sampling + rewards
 
 
+def sample_batch(pipe, s: SampleConfig, prompts: list[str], generator: torch.Generator) -> Trajectory:
+    """One batch of trajectories with the configured sampler (DDIM steps, eta, guidance, size)."""
+    return sample_trajectories(
+        pipe,
+        prompts,
+        num_steps=s.num_steps,
+        guidance_scale=s.guidance_scale,
+        eta=s.eta,
+        generator=generator,
+        height=s.resolution,
+        width=s.resolution,
+        negative_prompt=s.negative_prompt,
+    )
+
+
 def sample_epoch(pipe, config: Config, source, reward_fn, streams: Streams, accelerator, progress: bool):
     """Sample ``num_batches_per_epoch`` batches; each batch's reward runs in a worker thread while
     the next batch samples. Returns (trajectories, local rewards ``[N]``, the N metadata dicts the
@@ -138,17 +153,7 @@ def sample_epoch(pipe, config: Config, source, reward_fn, streams: Streams, acce
         for _ in tqdm(range(s.num_batches_per_epoch), desc="sampling", disable=not progress, leave=False):
             prompts = source.sample(s.batch_size, streams.prompts)
             with accelerator.autocast():
-                traj = sample_trajectories(
-                    pipe,
-                    prompts,
-                    num_steps=s.num_steps,
-                    guidance_scale=s.guidance_scale,
-                    eta=s.eta,
-                    generator=streams.sampling,
-                    height=s.resolution,
-                    width=s.resolution,
-                    negative_prompt=s.negative_prompt,
-                )
+                traj = sample_batch(pipe, s, prompts, streams.sampling)
             trajectories.append(traj)
             batch_metadata = [{} for _ in prompts]
             metadata += batch_metadata
@@ -174,19 +179,8 @@ def metadata_means(metadata: list[dict], accelerator) -> dict[str, float]:
 def fixed_sample_grid(pipe, config: Config, source, reward_fn, path: Path) -> None:
     """A grid of the first 16 prompts of the source sampled from a fixed seed, with rewards:
     written before training (``samples/before.png``) and after it (``samples/after.png``)."""
-    s = config.sample
     prompts = [source.prompts[i % len(source.prompts)] for i in range(16)]
-    traj = sample_trajectories(
-        pipe,
-        prompts,
-        num_steps=s.num_steps,
-        guidance_scale=s.guidance_scale,
-        eta=s.eta,
-        generator=torch.Generator().manual_seed(config.run.seed),
-        height=s.resolution,
-        width=s.resolution,
-        negative_prompt=s.negative_prompt,
-    )
+    traj = sample_batch(pipe, config.sample, prompts, torch.Generator().manual_seed(config.run.seed))
     values = reward_fn(traj.images, prompts, [{} for _ in prompts])
     captions = [f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values.tolist())]
     save_png(image_grid(traj.images, captions), path)

@@ -4,7 +4,8 @@ convention, DESIGN.md; DDPO, Black et al. 2024, Sec. 4.2).
     log p = mean_i [ -(x_i - mu_i)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2 ]
           = -S / (2 sigma^2 N) - log sigma - log(2 pi) / 2,   S = sum_i (x_i - mu_i)^2
 
-The kernel computes S in one read of ``x`` and ``mean``; the rest is [B]-sized torch arithmetic.
+The shared row kernels of ``_common`` compute S in one read of ``x`` and ``mean``; the rest is
+[B]-sized torch arithmetic.
 Backward: d/d mu_i = g (x_i - mu_i) / (sigma^2 N) (one more pass), d/d sigma = g (S / (sigma^3 N)
 - 1 / sigma) from the saved S, d/d x = -d/d mu.
 """
@@ -14,10 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from triton_kernels._common import BLOCK, grid, per_row, rows
+from triton_kernels._common import per_row, scaled_difference, squared_distance
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -29,57 +28,6 @@ def gaussian_logprob_reference(x: torch.Tensor, mean: torch.Tensor, std: torch.T
     x, mean = x.float(), mean.float()
     std = std.float().reshape(-1, *([1] * (x.ndim - 1)))
     return (-((x - mean) ** 2) / (2 * std**2) - torch.log(std) - HALF_LOG_2PI).flatten(1).mean(dim=1)
-
-
-# ---------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _sq_dist_kernel(x_ptr, mean_ptr, partial_ptr, n, chunks, BLOCK: tl.constexpr):
-    row, chunk = tl.program_id(0), tl.program_id(1)
-    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    x = tl.load(x_ptr + row * n + offsets, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(mean_ptr + row * n + offsets, mask=mask, other=0.0).to(tl.float32)
-    d = x - m
-    tl.store(partial_ptr + row * chunks + chunk, tl.sum(d * d, axis=0))
-
-
-@triton.jit
-def _grad_mean_kernel(x_ptr, mean_ptr, scale_ptr, grad_ptr, n, BLOCK: tl.constexpr):
-    """grad_mean = scale[row] * (x - mean), scale = g / (sigma^2 N)."""
-    row, chunk = tl.program_id(0), tl.program_id(1)
-    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    x = tl.load(x_ptr + row * n + offsets, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(mean_ptr + row * n + offsets, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + row)
-    tl.store(grad_ptr + row * n + offsets, (scale * (x - m)).to(grad_ptr.dtype.element_ty), mask=mask)
-
-
-# ---------------------------------------------------------------------------- launchers
-
-
-def squared_distance(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """S = sum over non-batch elements of (x - mean)^2, ``[B]`` float32 (fused, deterministic)."""
-    batch = x.shape[0]
-    xr, mr = rows(x, batch), rows(mean, batch)
-    n = xr.shape[1]
-    g = grid(batch, n)
-    partial = torch.empty(g, device=xr.device, dtype=torch.float32)
-    _sq_dist_kernel[g](xr, mr, partial, n, g[1], BLOCK=BLOCK)
-    return partial.sum(dim=1)
-
-
-def scaled_difference(
-    x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """``scale[b] * (x - mean)`` in ``dtype``, shaped like ``mean``."""
-    batch = x.shape[0]
-    xr, mr = rows(x, batch), rows(mean, batch)
-    out = torch.empty(mr.shape, device=mr.device, dtype=dtype)
-    _grad_mean_kernel[grid(batch, xr.shape[1])](xr, mr, scale.contiguous(), out, xr.shape[1], BLOCK=BLOCK)
-    return out.view(mean.shape)
 
 
 # ---------------------------------------------------------------------------- autograd
