@@ -85,5 +85,7 @@ def scaled_difference(
     batch = x.shape[0]
     xr, mr = rows(x, batch), rows(mean, batch)
     out = torch.empty(mr.shape, device=mr.device, dtype=dtype)
-    _scaled_difference_kernel[grid(batch, xr.shape[1])](xr, mr, scale.contiguous(), out, xr.shape[1], BLOCK=BLOCK)
+    _scaled_difference_kernel[grid(batch, xr.shape[1])](
+        xr, mr, scale.contiguous(), out, xr.shape[1], BLOCK=BLOCK
+    )
     return out.view(mean.shape)
