@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ def image_grid(images: torch.Tensor, captions: list[str], columns: int = 4, scal
     """A PIL grid of ``[B, 3, H, W]`` images in [0, 1], each upscaled ``scale``x with a caption below."""
     arrays = to_uint8(images)
     count, (h, w) = len(arrays), arrays.shape[1:3]
-    cell_w, cell_h, text_h = w * scale, h * scale, 28
+    cell_w, cell_h, text_h = w * scale, h * scale, 40
     columns = max(1, min(columns, count))
     rows = (count + columns - 1) // columns
     grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + text_h)), "white")
@@ -50,8 +51,9 @@ def image_grid(images: torch.Tensor, captions: list[str], columns: int = 4, scal
     for i, (array, caption) in enumerate(zip(arrays, captions)):
         x, y = (i % columns) * cell_w, (i // columns) * (cell_h + text_h)
         grid.paste(Image.fromarray(array).resize((cell_w, cell_h), Image.NEAREST), (x, y))
-        for line_no, line in enumerate(caption.split("\n")[:2]):
-            draw.text((x + 2, y + cell_h + 2 + 12 * line_no), line[: cell_w // 6], fill="black")
+        lines = [wrapped for part in caption.split("\n") for wrapped in textwrap.wrap(part, cell_w // 6)]
+        for line_no, line in enumerate(lines[:3]):
+            draw.text((x + 2, y + cell_h + 2 + 12 * line_no), line, fill="black")
     return grid
 
 
