@@ -441,6 +441,11 @@ def train(config: Config):
             "time_training": time.perf_counter() - t0,
         }
         accelerator.log(record, step=epoch)
+        accelerator.print(
+            f"epoch {epoch}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, "
+            f"approx_kl {record['approx_kl']:.2e}, clipfrac {record['clipfrac']:.3f}, "
+            f"{record['time_sampling'] + record['time_training']:.1f}s"
+        )
 
         # outputs and checkpoint
         if accelerator.is_main_process:
