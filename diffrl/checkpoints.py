@@ -35,17 +35,23 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def resolve_resume(path: str | Path) -> tuple[Path, Path]:
-    """``(run_dir, checkpoint)`` for a checkpoint folder or a run folder (its latest checkpoint)."""
+def resolve_resume(path: str | Path) -> tuple[Path, Path | None]:
+    """``(run_dir, checkpoint)`` for a checkpoint folder or a run folder (its latest checkpoint).
+
+    A run folder that was stopped before its first checkpoint (it has ``config.yaml`` but no
+    complete checkpoint) gives ``checkpoint=None``: the run starts again from epoch 0.
+    """
     path = Path(path).expanduser()
     if (path / "state.json").is_file():
         return path.parent.parent, path
     checkpoints = list_checkpoints(path)
-    if not checkpoints:
-        raise FileNotFoundError(
-            f"resume_from {path}: no complete checkpoint found (looked in {path / 'checkpoints'})"
-        )
-    return path, checkpoints[-1]
+    if checkpoints:
+        return path, checkpoints[-1]
+    if (path / "config.yaml").is_file():
+        return path, None
+    raise FileNotFoundError(
+        f"resume_from {path}: not a run folder (no config.yaml) and no complete checkpoint in {path / 'checkpoints'}"
+    )
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -65,7 +65,8 @@ def resolve_train_config(config_path: str | None, overrides: list[str], resume: 
     """The config of ``diffrl train``: the file (or, resuming without one, the run's own
     config.yaml), the overrides, and ``run.resume_from`` when resuming."""
     from diffrl.checkpoints import resolve_resume
-    from diffrl.config import ConfigError, load_config
+    from diffrl.config import load_config
+    from diffrl.errors import ConfigError
 
     overrides = list(overrides)
     if config_path is not None and "=" in config_path:  # only overrides were given
@@ -156,14 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffrl.config import ConfigError
+    """Run a command; errors in the user's input print one line and return 2, a run stopped by a
+    signal returns 128 + the signal number."""
+    from diffrl.errors import DiffrlError, RunStopped
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (DiffrlError, FileNotFoundError) as err:
         print(f"diffrl: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:
+        print(f"diffrl: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
 
 
 if __name__ == "__main__":

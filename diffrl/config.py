@@ -3,13 +3,16 @@
 A config file has the sections below; every field has a one-line doc and a default from the
 DDPO paper's PyTorch implementation. Override any field from the command line with
 ``section.field=value`` (the value is parsed as YAML: ``train.learning_rate=1e-4``,
-``prompts.source=[a cat, a dog]``). Unknown keys, wrong types and out-of-range values raise
+``prompts.source=[a cat, a dog]``; YAML 1.2 scalars, so ``no`` is a string, not false). Unknown keys, wrong types and out-of-range values raise
 :class:`ConfigError` naming the key, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,9 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key, type or value is wrong; the message names the key."""
+from diffrl.errors import ConfigError
 
 
 @dataclass
@@ -91,6 +92,11 @@ class TrainConfig:
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
     clip_range: float = 1e-4
     """PPO ratio clip epsilon; assumes element-mean log-probs (DESIGN.md)."""
+    max_nonfinite_steps: int = 5
+    """Optimizer steps skipped for a non-finite loss or gradient in a row before the run stops."""
+    ratio_tolerance: float = 1e-3
+    """Largest |log ratio| allowed when the unchanged policy re-scores its stored actions (checked
+    before each epoch's first update; 0 turns the check off)."""
 
 
 @dataclass
@@ -109,6 +115,11 @@ class RewardConfig:
     """Built-in reward name or ``package.module:function``."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the reward factory."""
+    timeout: float | None = None
+    """Seconds one reward call may take before it counts as failed (None: no limit)."""
+    on_error: Literal["fail", "drop"] = "fail"
+    """On a reward that raises, times out or returns bad values: stop the run (fail), or drop
+    the affected samples from the epoch (drop: they get no advantage and no reward statistics)."""
 
 
 @dataclass
@@ -135,6 +146,8 @@ class RunConfig:
     """Checkpoint folder, or run folder (its latest checkpoint), to continue from."""
     log_with: Literal["none", "tensorboard", "wandb"] = "none"
     """Extra metrics tracker besides metrics.jsonl."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bitwise-reproducible runs and resumes (slower on GPU)."""
 
 
 @dataclass
@@ -148,6 +161,32 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------- YAML 1.2 reading
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 scalars: only true/false are booleans (so
+    ``mixed_precision: no`` stays the string "no") and ``1e-4`` is a float."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 # ---------------------------------------------------------------------------- typed building
@@ -186,16 +225,38 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return dict(value)
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+    if tp is float:
+        return _coerce_float(key, value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _coerce_float(key: str, value: Any) -> float:
+    """Ints and numeric strings (YAML 1.1 reads ``1e-4``, without a dot, as a string) become
+    floats; booleans, other strings and non-finite numbers are errors."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value) if abs(value) < 1e308 else math.inf
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return number
+
+
+def _unknown_key(dotted: str, key: str, names: list[str], section: str) -> ConfigError:
+    """The error for a key that is not a field, with the closest field name as a suggestion."""
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+    hint = f"; did you mean {section + close[0]!r}?" if close else ""
+    return ConfigError(
+        f"unknown key {dotted!r}{hint} (valid keys of {section.rstrip('.') or 'the top level'}: {', '.join(names)})"
+    )
 
 
 def _build(cls, data: dict, prefix: str):
@@ -208,9 +269,7 @@ def _build(cls, data: dict, prefix: str):
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(
-                f"unknown key {dotted!r}; valid keys of {prefix.rstrip('.') or 'the top level'}: {', '.join(names)}"
-            )
+            raise _unknown_key(dotted, key, names, prefix)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{dotted}.")
@@ -223,7 +282,9 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = data
     for part in parents:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing section, or one left empty in the YAML file
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
     node[leaf] = value
@@ -233,9 +294,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = _load_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)})"
+            ) from err
+        _set_dotted(data, key.strip(), value)
     return data
 
 
@@ -256,9 +323,20 @@ def validate(config: Config) -> Config:
         ("train.max_grad_norm", t.max_grad_norm),
         ("train.adv_clip_max", t.adv_clip_max),
         ("train.clip_range", t.clip_range),
-        ("sample.eta", s.eta),
     ]:
         _require(value > 0, key, f"must be > 0, got {value}")
+    _require(
+        s.eta > 0,
+        "sample.eta",
+        f"must be > 0 for {config.algorithm}, which trains on step log-probabilities; eta={s.eta} makes "
+        "the DDIM step deterministic (no density)",
+    )
+    _require(t.ratio_tolerance >= 0, "train.ratio_tolerance", f"must be >= 0, got {t.ratio_tolerance}")
+    _require(
+        config.reward.timeout is None or config.reward.timeout > 0,
+        "reward.timeout",
+        f"must be > 0 seconds or null, got {config.reward.timeout}",
+    )
     _require(t.adam_weight_decay >= 0, "train.adam_weight_decay", f"must be >= 0, got {t.adam_weight_decay}")
     for key, value in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
         _require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
@@ -280,8 +358,12 @@ def validate(config: Config) -> Config:
         ("run.save_freq", r.save_freq),
         ("run.keep_last", r.keep_last),
         ("model.lora_rank", config.model.lora_rank),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps),
     ]:
         _require(value >= 1, key, f"must be >= 1, got {value}")
+    _require(
+        s.num_steps <= 1000, "sample.num_steps", f"must be <= 1000 (training timesteps), got {s.num_steps}"
+    )
     _require(
         int(s.num_steps * t.timestep_fraction) >= 1,
         "train.timestep_fraction",
@@ -312,13 +394,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file {path}: no such file")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = _load_yaml(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file {path}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from err
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(
                 f"config file {path}{where}: invalid YAML ({getattr(err, 'problem', err)})"
             ) from err
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {path}: expected a mapping of sections, got {type(data).__name__}"
+            )
     return validate(_build(Config, apply_overrides(data, list(overrides)), ""))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from diffrl.errors import InputFileError
 from diffrl.rewards.jpeg import to_uint8
 
 
@@ -64,17 +65,34 @@ def save_png(image: Image.Image, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSON-lines file (empty when missing); a torn last line is skipped."""
+def read_jsonl(path: str | Path, strict: bool = False) -> list[dict]:
+    """Records of a JSON-lines file (empty when missing).
+
+    A torn last line (an append cut off by a crash: no newline at its end) is skipped. Any other
+    line that is not a JSON object is skipped too, unless ``strict``, which raises
+    :class:`InputFileError` naming the file and line number (for files a user supplies or edits).
+    """
     path = Path(path)
     if not path.is_file():
         return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            record, problem = None, err.msg
+        else:
+            problem = (
+                None if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
+            )
+        if problem is None:
+            records.append(record)
+        elif strict and number < len(lines):  # the last element has no newline after it: a torn append
+            raise InputFileError(f"{path}:{number}: {problem}")
     return records
 
 

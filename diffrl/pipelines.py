@@ -4,18 +4,22 @@ and the built-in models that ship with diffrl (no download)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
     LatentConsistencyModelPipeline,
     LCMScheduler,
     StableDiffusionPipeline,
+    UNet2DConditionModel,
 )
 
 from diffrl import testing
+from diffrl.errors import PipelineNotFoundError
 
 BUILTIN_PIPELINES: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sd": testing.tiny_sd_pipeline,
@@ -27,10 +31,6 @@ ASSETS = Path(__file__).parent / "assets"
 SHIPPED_PIPELINES = {"tiny": ASSETS / "tiny"}
 """Pretrained pipelines shipped inside the package (diffusers folders, loaded with from_pretrained).
 ``tiny``: a ~2M-parameter text-to-image model of the toy world (scripts/pretrain_tiny.py)."""
-
-
-class PipelineNotFoundError(OSError):
-    """The named pipeline is neither built in, a local diffusers folder, nor in the hub cache."""
 
 
 def _read_model_index(name_or_path: str, revision: str | None, local_files_only: bool) -> dict:
@@ -54,6 +54,46 @@ def _read_model_index(name_or_path: str, revision: str | None, local_files_only:
             f"{name_or_path} --local-dir DIR`), copy DIR here and pass its path instead of the hub id; "
             f"built-in names: {', '.join([*SHIPPED_PIPELINES, *BUILTIN_PIPELINES])}"
         ) from err
+
+
+@dataclass
+class PipelineInfo:
+    """What a pipeline is, read from its config files alone (no weights loaded)."""
+
+    is_lcm: bool
+    """A latent consistency model (LCMScheduler, guidance embedding) rather than SD with DDIM."""
+    vae_scale_factor: int
+    """Pixels per latent cell along each side (8 for Stable Diffusion)."""
+    resolution: int
+    """Native image side in pixels (UNet sample size x VAE factor)."""
+
+
+def inspect_pipeline(
+    name_or_path: str, *, revision: str | None = None, local_files_only: bool = False
+) -> PipelineInfo:
+    """Resolve a pipeline name and read its ``model_index.json``, ``vae/config.json`` and
+    ``unet/config.json`` without loading weights, so that a missing model or an incompatible
+    resolution is reported before anything heavy starts. Raises :class:`PipelineNotFoundError`."""
+    if name_or_path in BUILTIN_PIPELINES:
+        return PipelineInfo(name_or_path == "tiny-lcm", 4, testing.TINY_RESOLUTION)
+    name_or_path = str(SHIPPED_PIPELINES.get(name_or_path, name_or_path))
+    index = _read_model_index(name_or_path, revision, local_files_only)
+    is_lcm = "LatentConsistency" in index.get("_class_name", "") or "LCM" in str(index.get("scheduler", ""))
+    try:
+        vae = AutoencoderKL.load_config(
+            name_or_path, subfolder="vae", revision=revision, local_files_only=local_files_only
+        )
+        unet = UNet2DConditionModel.load_config(
+            name_or_path, subfolder="unet", revision=revision, local_files_only=local_files_only
+        )
+    except (OSError, ValueError) as err:
+        raise PipelineNotFoundError(
+            f"{name_or_path}: its vae/config.json or unet/config.json cannot be read ({err})"
+        ) from err
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    sample_size = unet["sample_size"]
+    sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+    return PipelineInfo(is_lcm, factor, sample_size * factor)
 
 
 def load_pipeline(
@@ -84,10 +124,7 @@ def load_pipeline(
         if torch_dtype is not None:
             pipe.to(dtype=torch_dtype)
     else:
-        index = _read_model_index(name_or_path, revision, local_files_only)
-        is_lcm = "LatentConsistency" in index.get("_class_name", "") or "LCM" in str(
-            index.get("scheduler", "")
-        )
+        is_lcm = inspect_pipeline(name_or_path, revision=revision, local_files_only=local_files_only).is_lcm
         cls = LatentConsistencyModelPipeline if is_lcm else StableDiffusionPipeline
         pipe = cls.from_pretrained(
             name_or_path,

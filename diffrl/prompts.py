@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from diffrl import toyworld
+from diffrl.errors import InputFileError
 
 SIMPLE_ANIMALS = (
     "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
@@ -75,11 +76,11 @@ def load_prompts(source: str | list[str]) -> PromptSource:
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"prompt source {source!r}: no such file, and not a built-in set ({', '.join(BUILTIN_PROMPTS)})"
             )
         lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
         prompts, name = [line for line in lines if line and not line.startswith("#")], str(path)
     if not prompts:
-        raise ValueError(f"prompt source {source!r} holds no prompts")
+        raise InputFileError(f"prompt source {source!r} holds no prompts")
     return PromptSource(name=name, prompts=prompts)

@@ -9,9 +9,13 @@ checkpoint. The sections below read top to bottom in that order.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +28,8 @@ from tqdm.auto import tqdm
 from diffrl import rewards
 from diffrl.algorithms.ddpo import compute_advantages, ppo_loss
 from diffrl.checkpoints import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
-from diffrl.config import Config, ConfigError, SampleConfig, dump_yaml, to_dict
+from diffrl.config import Config, SampleConfig, dump_yaml, to_dict
+from diffrl.errors import ConfigError, NumericalError, RewardError, RunStopped
 from diffrl.files import (
     append_jsonl,
     atomic_write_bytes,
@@ -34,7 +39,7 @@ from diffrl.files import (
     save_png,
     truncate_metrics,
 )
-from diffrl.pipelines import load_pipeline
+from diffrl.pipelines import inspect_pipeline, load_pipeline
 from diffrl.policies.ddim import ddim_step_with_logprob
 from diffrl.prompts import load_prompts
 from diffrl.rollout import guided_noise_pred, sample_trajectories
@@ -60,6 +65,25 @@ def check_environment(config: Config, device: torch.device) -> None:
         raise ConfigError(f"run.log_with={config.run.log_with}: the {tracker_pkg} package is not installed")
     if config.model.mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError("model.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
+
+
+def preflight(config: Config, device: torch.device):
+    """Every check that needs no model weights, in the order a user would fix them: this machine,
+    the resume target, the model (found? resolution a multiple of its VAE factor?), the prompts,
+    the reward. Returns ``(prompt source, reward function)``."""
+    check_environment(config, device)
+    if config.run.resume_from:
+        resolve_resume(config.run.resume_from)
+    info = inspect_pipeline(config.model.pretrained, revision=config.model.revision)
+    resolution = config.sample.resolution
+    if resolution is not None and resolution % info.vae_scale_factor:
+        raise ConfigError(
+            f"sample.resolution: {resolution} is not a multiple of {info.vae_scale_factor}, the VAE "
+            f"downsampling factor of {config.model.pretrained} (native resolution {info.resolution})"
+        )
+    source = load_prompts(config.prompts.source)
+    reward_fn = rewards.get(config.reward.name, **config.reward.kwargs)
+    return source, reward_fn
 
 
 def set_attention(unet, backend: str, device: torch.device) -> None:
@@ -143,11 +167,30 @@ def sample_batch(pipe, s: SampleConfig, prompts: list[str], generator: torch.Gen
     )
 
 
-def sample_epoch(pipe, config: Config, source, reward_fn, streams: Streams, accelerator, progress: bool):
+def score_batch(reward_fn, traj: Trajectory, metadata: list[dict], config: Config, first: int, where: str):
+    """Rewards ``[B]`` of one batch under ``reward.timeout`` / ``reward.on_error`` (NaN = dropped)."""
+    return rewards.score(
+        reward_fn,
+        traj.images,
+        traj.prompts,
+        metadata,
+        timeout=config.reward.timeout,
+        on_error=config.reward.on_error,
+        first_index=first,
+        where=where,
+    )
+
+
+def sample_epoch(
+    pipe, config: Config, source, reward_fn, streams: Streams, accelerator, epoch: int, progress
+):
     """Sample ``num_batches_per_epoch`` batches; each batch's reward runs in a worker thread while
-    the next batch samples. Returns (trajectories, local rewards ``[N]``, the N metadata dicts the
-    reward filled in, seconds sampling, seconds waiting for rewards)."""
+    the next batch samples. Returns (trajectories, local rewards ``[N]`` with NaN for dropped
+    samples, the N metadata dicts the reward filled in, seconds sampling, seconds waiting for rewards)."""
     s = config.sample
+    where = f"epoch {epoch}" + (
+        f", process {accelerator.process_index}" if accelerator.num_processes > 1 else ""
+    )
     trajectories, futures, metadata, t0 = [], [], [], time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
         for _ in tqdm(range(s.num_batches_per_epoch), desc="sampling", disable=not progress, leave=False):
@@ -156,16 +199,19 @@ def sample_epoch(pipe, config: Config, source, reward_fn, streams: Streams, acce
                 traj = sample_batch(pipe, s, prompts, streams.sampling)
             trajectories.append(traj)
             batch_metadata = [{} for _ in prompts]
+            futures.append(
+                pool.submit(score_batch, reward_fn, traj, batch_metadata, config, len(metadata), where)
+            )
             metadata += batch_metadata
-            futures.append(pool.submit(reward_fn, traj.images, traj.prompts, batch_metadata))
         t1 = time.perf_counter()
         local_rewards = torch.cat([f.result() for f in futures])
     return trajectories, local_rewards, metadata, t1 - t0, time.perf_counter() - t1
 
 
-def metadata_means(metadata: list[dict], accelerator) -> dict[str, float]:
-    """Mean over all processes' samples of every numeric value rewards wrote into the metadata
-    (e.g. ``exact_match`` of ``shapes_alignment``), as ``{"reward_<key>": mean}``."""
+def metadata_means(metadata: list[dict], valid: torch.Tensor, accelerator) -> dict[str, float]:
+    """Mean over all processes' kept samples (``valid [N]``) of every numeric value rewards wrote
+    into the metadata (e.g. ``exact_match`` of ``shapes_alignment``), as ``{"reward_<key>": mean}``."""
+    metadata = [meta for meta, keep in zip(metadata, valid.tolist()) if keep]
     if accelerator.num_processes > 1:
         metadata = gather_object(metadata)
     values: dict[str, list[float]] = {}
@@ -181,7 +227,7 @@ def fixed_sample_grid(pipe, config: Config, source, reward_fn, path: Path) -> No
     written before training (``samples/before.png``) and after it (``samples/after.png``)."""
     prompts = [source.prompts[i % len(source.prompts)] for i in range(16)]
     traj = sample_batch(pipe, config.sample, prompts, torch.Generator().manual_seed(config.run.seed))
-    values = reward_fn(traj.images, prompts, [{} for _ in prompts])
+    values = score_batch(reward_fn, traj, [{} for _ in prompts], config, 0, f"sample grid {path.name}")
     captions = [f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values.tolist())]
     save_png(image_grid(traj.images, captions), path)
 
@@ -198,97 +244,237 @@ def stack_epoch(trajectories) -> dict[str, torch.Tensor]:
     }
 
 
-def gathered_advantages(prompts, local_rewards, tracker, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def gathered_advantages(prompts, local_rewards, tracker, accelerator, epoch: int):
     """Gather every process's rewards and prompts, compute advantages on the whole batch (identically
-    on every process), return (this process's slice ``[N]``, all rewards ``[P*N]``)."""
+    on every process) from the samples whose reward was not dropped (NaN).
+
+    Returns (this process's advantages ``[N]``, 0 where dropped; this process's kept-sample mask
+    ``[N]`` bool; all rewards ``[P*N]``, NaN where dropped).
+    """
     all_rewards = accelerator.gather(local_rewards.to(accelerator.device)).cpu()
     all_prompts = gather_object(list(prompts)) if accelerator.num_processes > 1 else list(prompts)
-    advantages = compute_advantages(all_prompts, all_rewards, tracker)
+    valid = torch.isfinite(all_rewards)
+    if not valid.any():
+        raise RewardError(
+            f"epoch {epoch}: the reward failed on every sample (all dropped); nothing to train on"
+        )
+    advantages = torch.zeros_like(all_rewards)
+    kept_prompts = [p for p, keep in zip(all_prompts, valid.tolist()) if keep]
+    advantages[valid] = compute_advantages(kept_prompts, all_rewards[valid], tracker)
     n = local_rewards.shape[0]
     start = accelerator.process_index * n
-    return advantages[start : start + n], all_rewards
+    return advantages[start : start + n], valid[start : start + n], all_rewards
 
 
 # ============================================================================ training
 
 
+def step_log_prob(unet, pipe, data, idx: torch.Tensor, step: torch.Tensor, config: Config, accelerator):
+    """log pi_theta of the stored actions: for samples ``idx [B]`` at their timestep indices
+    ``step [B]``, the element-mean log-density of x_{t-1} given x_t under the current UNet; ``[B]``
+    float32 (carries gradient unless called under no_grad)."""
+    s = config.sample
+    negative = data["negative_prompt_embeds"] if config.train.cfg else None
+    x_t, x_prev, t = data["latents"][idx, step], data["latents"][idx, step + 1], data["timesteps"][step]
+    with accelerator.autocast():
+        noise_pred = guided_noise_pred(
+            unet,
+            x_t,
+            t,
+            data["prompt_embeds"][idx],
+            None if negative is None else negative[idx],
+            s.guidance_scale,
+        )
+    return ddim_step_with_logprob(pipe.scheduler, noise_pred, t, x_t, eta=s.eta, prev_sample=x_prev).log_prob
+
+
+def check_log_ratios(unet, pipe, data, idx, step, config: Config, accelerator, epoch: int) -> None:
+    """Before an epoch's first update the policy is still the one that sampled, so re-scoring the
+    first minibatch's stored actions must give ratio 1 (up to float noise); otherwise PPO's
+    clipping compares against the wrong old policy. Raises :class:`NumericalError` naming the
+    likely cause when max |log ratio| over all processes exceeds ``train.ratio_tolerance``."""
+    tolerance = config.train.ratio_tolerance
+    if tolerance == 0:
+        return
+    with torch.no_grad():
+        log_ratio = (
+            step_log_prob(unet, pipe, data, idx, step, config, accelerator) - data["log_probs"][idx, step]
+        )
+    worst = accelerator.gather(log_ratio.abs().max().reshape(1).to(accelerator.device)).max().item()
+    if worst <= tolerance:
+        return
+    m = config.model
+    cause = (
+        f"model.mixed_precision={m.mixed_precision} runs the UNet in a low precision whose results depend on "
+        f"the batch (sampling batches of {config.sample.batch_size} vs training minibatches of "
+        f"{config.train.batch_size}); use mixed_precision=no or equal batch sizes"
+        if m.mixed_precision != "no"
+        else "the training step differs from the sampler (a changed scheduler, eta or guidance, non-finite "
+        "weights, or non-deterministic UNet kernels)"
+    )
+    raise NumericalError(
+        f"epoch {epoch}: re-scoring stored actions with the unchanged policy gives |log ratio| up to "
+        f"{worst:.3g} > train.ratio_tolerance={tolerance:g} (PPO clips at train.clip_range="
+        f"{config.train.clip_range:g}). Likely cause: {cause}. Raise train.ratio_tolerance to accept it."
+    )
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for non-finite values; stops the run after ``limit`` in a row."""
+
+    limit: int
+    in_a_row: int = 0
+    skipped: int = 0
+
+    def record(self, fault: str | None, where: str) -> None:
+        """Note one optimizer step: ``fault`` says what went non-finite (None: the step was taken)."""
+        if fault is None:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.skipped += 1
+        warnings.warn(f"skipped an optimizer step: {fault} ({where})", RuntimeWarning, stacklevel=2)
+        if self.in_a_row >= self.limit:
+            raise NumericalError(
+                f"{self.in_a_row} optimizer steps in a row were skipped (train.max_nonfinite_steps={self.limit}); "
+                f"the last: {fault} ({where}). Lower train.learning_rate, check the reward's scale, or use "
+                "model.mixed_precision=no"
+            )
+
+
+def optimizer_step(optimizer, params, named_params, loss_fault: str | None, config: Config, accelerator):
+    """Clip and step, unless the accumulated loss or gradients are non-finite on any process (then
+    the gradients are dropped). Returns what was non-finite, or None when the step was taken.
+
+    Under fp16 the grad scaler already skips overflowing steps (that is how it tunes its scale),
+    so only a non-finite loss counts as a fault there."""
+    scaled = accelerator.scaler is not None
+    fault = loss_fault
+    if not scaled:
+        bad = [
+            n.removeprefix("module.")
+            for n, p in named_params
+            if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
+        if bad:
+            fault = "; ".join(
+                filter(None, [fault, f"non-finite gradients in {len(bad)} tensors, e.g. {bad[0]}"])
+            )
+    if accelerator.num_processes > 1:  # every process must take the same decision
+        flags = accelerator.gather(torch.tensor([fault is not None], device=accelerator.device))
+        if flags.any() and fault is None:
+            fault = "non-finite values on another process"
+    if fault is None or scaled:
+        accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+        optimizer.step()
+    optimizer.zero_grad()
+    return fault
+
+
 def train_epoch(
-    unet, pipe, data, advantages, config: Config, optimizer, params, streams, accelerator, progress
+    unet,
+    pipe,
+    data,
+    advantages,
+    valid,
+    config: Config,
+    optimizer,
+    params,
+    streams,
+    accelerator,
+    guard,
+    epoch,
+    progress,
 ):
-    """PPO updates over one epoch's samples (``num_inner_epochs`` passes). Returns mean stats."""
+    """PPO updates over one epoch's samples (``num_inner_epochs`` passes); samples whose reward was
+    dropped (``valid [N]`` False) take no part in the loss. Returns mean stats."""
     t, s = config.train, config.sample
-    latents, old_log_probs, timesteps = data["latents"], data["log_probs"], data["timesteps"]
+    old_log_probs = data["log_probs"]
     num_samples, num_steps = old_log_probs.shape
     num_train_steps = int(num_steps * t.timestep_fraction)
-    negative = data["negative_prompt_embeds"] if t.cfg else None
-    pipe.scheduler.set_timesteps(s.num_steps, device=latents.device)
+    named_params = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    pipe.scheduler.set_timesteps(s.num_steps, device=data["latents"].device)
     totals = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
-    terms = 0
+    terms, loss_fault, skipped_before = 0, None, guard.skipped
     unet.train()
-    for _ in range(t.num_inner_epochs):
+    for inner in range(t.num_inner_epochs):
         order = torch.randperm(num_samples, generator=streams.shuffle)
         step_order = torch.stack(
             [torch.randperm(num_steps, generator=streams.shuffle) for _ in range(num_samples)]
         )
         batches = order.split(t.batch_size)
-        for idx in tqdm(batches, desc="training", disable=not progress, leave=False):
+        if inner == 0:
+            check_log_ratios(
+                unet, pipe, data, batches[0], step_order[batches[0], 0], config, accelerator, epoch
+            )
+        for b, idx in enumerate(tqdm(batches, desc="training", disable=not progress, leave=False)):
             for j in range(num_train_steps):
                 step = step_order[idx, j]
-                x_t, x_prev = latents[idx, step], latents[idx, step + 1]
                 with accelerator.accumulate(unet):
-                    with accelerator.autocast():
-                        noise_pred = guided_noise_pred(
-                            unet,
-                            x_t,
-                            timesteps[step],
-                            data["prompt_embeds"][idx],
-                            None if negative is None else negative[idx],
-                            s.guidance_scale,
-                        )
-                    out = ddim_step_with_logprob(
-                        pipe.scheduler, noise_pred, timesteps[step], x_t, eta=s.eta, prev_sample=x_prev
-                    )
+                    log_prob = step_log_prob(unet, pipe, data, idx, step, config, accelerator)
                     loss, stats = ppo_loss(
-                        out.log_prob, old_log_probs[idx, step], advantages[idx], t.clip_range, t.adv_clip_max
+                        log_prob,
+                        old_log_probs[idx, step],
+                        advantages[idx],
+                        t.clip_range,
+                        t.adv_clip_max,
+                        valid[idx],
                     )
                     accelerator.backward(loss)
+                    if not torch.isfinite(loss):
+                        loss_fault = f"loss {loss.item()} at minibatch {b}, trained timestep {j}"
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                        fault = optimizer_step(
+                            optimizer, params, named_params, loss_fault, config, accelerator
+                        )
+                        guard.record(fault, f"epoch {epoch}, inner epoch {inner}, minibatch {b}")
+                        loss_fault = None
                 totals["loss"] += loss.item()
                 totals["approx_kl"] += stats.approx_kl.item()
                 totals["clipfrac"] += stats.clipfrac.item()
                 terms += 1
     unet.eval()
-    return {k: v / terms for k, v in totals.items()}
+    return {**{k: v / terms for k, v in totals.items()}, "skipped_steps": guard.skipped - skipped_before}
 
 
 # ============================================================================ outputs
 
 
-def save_lora(pipe, run_dir: Path) -> None:
-    """Write ``run_dir/lora`` in diffusers format (``pipe.load_lora_weights(run_dir / "lora")``),
-    replacing the previous one only once the new one is complete."""
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace folder ``final`` by the complete folder ``tmp`` (``final.old`` holds the previous
+    one for the moment between the two renames; a crash there leaves both findable)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_weights(pipe, config: Config, run_dir: Path) -> None:
+    """Write the trained weights for use outside diffrl, replacing the previous export only once
+    the new one is complete: ``run_dir/lora`` in diffusers format
+    (``pipe.load_lora_weights(run_dir / "lora")``), or ``run_dir/unet`` after full fine-tuning."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     unet = pipe.unet
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    tmp, final = run_dir / "lora.tmp", run_dir / "lora"
-    StableDiffusionPipeline.save_lora_weights(
-        tmp,
-        unet_lora_layers={k: v.float() for k, v in layers.items()},
-        safe_serialization=True,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-    )
-    old = run_dir / "lora.old"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
+    name = "lora" if config.model.use_lora else "unet"
+    tmp = run_dir / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if config.model.use_lora:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers={k: v.float() for k, v in layers.items()},
+            safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        )
+    else:
+        unet.save_pretrained(tmp)
+    _swap_in(tmp, run_dir / name)
 
 
 def write_epoch_outputs(
@@ -333,21 +519,23 @@ def build_policy(config: Config, accelerator: Accelerator):
 def open_run(config: Config, accelerator: Accelerator, pipe, optimizer, tracker, streams) -> tuple[Path, int]:
     """Create (or, resuming, restore) the run folder; returns ``(run_dir, first epoch to run)``.
 
-    Resuming restores weights, optimizer, RNG streams and stat tracker from the checkpoint and
-    drops metrics of epochs after it, so none are duplicated.
+    Resuming restores weights, optimizer, RNG streams and stat tracker from the checkpoint (or,
+    stopped before the first one, starts over) and drops metrics of epochs after it, so none are
+    duplicated.
     """
     run_dir, start_epoch = Path(config.run.output_dir) / config.run.name, 0
     if config.run.resume_from:
         run_dir, checkpoint = resolve_resume(config.run.resume_from)
-        state, rng = load_checkpoint(checkpoint, pipe.unet, optimizer, accelerator.process_index)
-        streams.load(rng)
-        if tracker is not None and state.get("tracker"):
-            tracker.load_state_dict(state["tracker"])
-        start_epoch = state["epoch"] + 1
+        if checkpoint is not None:
+            state, rng = load_checkpoint(checkpoint, pipe.unet, optimizer, accelerator.process_index)
+            streams.load(rng)
+            if tracker is not None and state.get("tracker"):
+                tracker.load_state_dict(state["tracker"])
+            start_epoch = state["epoch"] + 1
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.yaml", dump_yaml(config).encode())
-        if start_epoch > 0:
+        if config.run.resume_from:
             truncate_metrics(run_dir / "metrics.jsonl", start_epoch - 1)
     if config.run.log_with != "none":
         accelerator.init_trackers(config.run.name, config=_flat(to_dict(config)))
@@ -372,14 +560,63 @@ def save_epoch(
     )
     if accelerator.is_main_process:
         prune_checkpoints(run_dir, config.run.keep_last)
-        if config.model.use_lora:
-            save_lora(pipe, run_dir)
-        else:
-            pipe.unet.save_pretrained(run_dir / "unet")
+        export_weights(pipe, config, run_dir)
+
+
+class StopSignals:
+    """Within ``with``: the first SIGINT/SIGTERM asks the run to stop at the end of the current
+    epoch with a checkpoint; a second one acts at once as it would have (the newest complete
+    checkpoint is kept either way). Handlers are installed only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> StopSignals:
+        self.received, self.previous = 0, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        print(
+            f"diffrl: {signal.Signals(signum).name} received; stopping after this epoch with a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def requested(self, accelerator) -> int:
+        """The signal any process received (0: none); every process gets the same answer."""
+        received = torch.tensor([self.received], device=accelerator.device)
+        return (
+            int(accelerator.gather(received).max().item()) if accelerator.num_processes > 1 else self.received
+        )
+
+
+def set_deterministic(enabled: bool) -> bool:
+    """``torch.use_deterministic_algorithms(enabled)`` (with the cuBLAS workspace it needs on CUDA);
+    returns the previous setting."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    return previous
 
 
 def train(config: Config):
-    """Run DDPO as configured; returns the pipeline holding the trained weights (on every process)."""
+    """Run DDPO as configured; returns the pipeline holding the trained weights (on every process).
+
+    Raises :class:`RunStopped` after a SIGINT/SIGTERM, once the current epoch is checkpointed.
+    """
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # multi-process CPU runs (gloo) need this to be detected
         mixed_precision=config.model.mixed_precision,
@@ -388,28 +625,39 @@ def train(config: Config):
         log_with=None if config.run.log_with == "none" else config.run.log_with,
         project_dir=config.run.output_dir,
     )
-    check_environment(config, accelerator.device)
-    if config.run.resume_from:
-        resolve_resume(config.run.resume_from)  # a missing checkpoint fails before the model loads
-    source = load_prompts(config.prompts.source)
-    reward_fn = rewards.get(config.reward.name, **config.reward.kwargs)
+    source, reward_fn = preflight(config, accelerator.device)
+    was_deterministic = set_deterministic(config.run.deterministic)
+    try:
+        with StopSignals() as stop:
+            return _train_loop(config, accelerator, source, reward_fn, stop)
+    finally:
+        set_deterministic(was_deterministic)
+
+
+def _train_loop(config: Config, accelerator, source, reward_fn, stop: StopSignals):
+    """The epochs of :func:`train`, after its checks."""
     progress = accelerator.is_local_main_process and sys.stderr.isatty()
     st = config.stat_tracking
     tracker = PerPromptStatTracker(st.buffer_size, st.min_count) if st.enabled else None
     streams = Streams.seeded(config.run.seed, accelerator.process_index)
+    guard = NonFiniteGuard(config.train.max_nonfinite_steps)
     pipe, unet, params, optimizer = build_policy(config, accelerator)
     run_dir, start_epoch = open_run(config, accelerator, pipe, optimizer, tracker, streams)
     if start_epoch == 0 and accelerator.is_main_process:
         fixed_sample_grid(pipe, config, source, reward_fn, run_dir / "samples" / "before.png")
+    if start_epoch >= config.run.num_epochs and accelerator.is_main_process:
+        export_weights(pipe, config, run_dir)  # a run killed after its last checkpoint, before the export
 
     for epoch in range(start_epoch, config.run.num_epochs):
         # sampling and rewards
         pipe.unet.eval()
         trajectories, local_rewards, metadata, t_sample, t_reward = sample_epoch(
-            pipe, config, source, reward_fn, streams, accelerator, progress
+            pipe, config, source, reward_fn, streams, accelerator, epoch, progress
         )
         prompts = [p for traj in trajectories for p in traj.prompts]
-        advantages, all_rewards = gathered_advantages(prompts, local_rewards, tracker, accelerator)
+        advantages, valid, all_rewards = gathered_advantages(
+            prompts, local_rewards, tracker, accelerator, epoch
+        )
 
         # training
         t0 = time.perf_counter()
@@ -418,21 +666,26 @@ def train(config: Config):
             pipe,
             stack_epoch(trajectories),
             advantages,
+            valid,
             config,
             optimizer,
             params,
             streams,
             accelerator,
+            guard,
+            epoch,
             progress,
         )
+        kept = all_rewards[torch.isfinite(all_rewards)]
         record = {
             "epoch": epoch,
-            "reward_mean": all_rewards.mean().item(),
-            "reward_std": all_rewards.std(unbiased=False).item(),
-            "num_samples": all_rewards.numel(),
-            **metadata_means(metadata, accelerator),
+            "reward_mean": kept.mean().item(),
+            "reward_std": kept.std(unbiased=False).item(),
+            "num_samples": kept.numel(),
+            "num_dropped": all_rewards.numel() - kept.numel(),
+            **metadata_means(metadata, valid, accelerator),
             **{
-                k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                k: accelerator.reduce(torch.tensor(float(v), device=accelerator.device), "mean").item()
                 for k, v in stats.items()
             },
             "learning_rate": optimizer.param_groups[0]["lr"],
@@ -450,9 +703,13 @@ def train(config: Config):
         # outputs and checkpoint
         if accelerator.is_main_process:
             write_epoch_outputs(run_dir, epoch, record, trajectories[0], local_rewards)
-        if (epoch + 1) % config.run.save_freq == 0 or epoch == config.run.num_epochs - 1:
+        signum = stop.requested(accelerator)
+        if signum or (epoch + 1) % config.run.save_freq == 0 or epoch == config.run.num_epochs - 1:
             save_epoch(run_dir, epoch, config, pipe, optimizer, tracker, streams, accelerator)
         accelerator.wait_for_everyone()
+        if signum:
+            accelerator.end_training()
+            raise RunStopped(signum, run_dir, epoch)
     if accelerator.is_main_process:
         fixed_sample_grid(pipe, config, source, reward_fn, run_dir / "samples" / "after.png")
     accelerator.end_training()

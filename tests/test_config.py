@@ -47,8 +47,23 @@ def test_dumped_config_reads_back_equal(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.lr=1", r"unknown key 'train.lr'; valid keys of train: learning_rate, adam_beta1"),
-        ("trian.learning_rate=1", r"unknown key 'trian'; valid keys of the top level: algorithm, model"),
+        ("train.lr=1", r"unknown key 'train.lr' \(valid keys of train: learning_rate, adam_beta1"),
+        ("train.learning_rte=1", r"unknown key 'train.learning_rte'; did you mean 'train.learning_rate'\?"),
+        (
+            "trian.learning_rate=1",
+            r"unknown key 'trian'; did you mean 'train'\? \(valid keys of the top level",
+        ),
+        ("train.learning_rate=.nan", r"train.learning_rate: must be a finite number"),
+        ("train.learning_rate=1e999", r"train.learning_rate: must be a finite number"),
+        ("train.learning_rate=fast", r"train.learning_rate: expected float, got str 'fast'"),
+        ("train.learning_rate=[1", r"override 'train.learning_rate=\[1': the value is not valid YAML"),
+        ("train.max_nonfinite_steps=0", r"train.max_nonfinite_steps: must be >= 1"),
+        ("train.ratio_tolerance=-1", r"train.ratio_tolerance: must be >= 0"),
+        ("reward.on_error=ignore", r"reward.on_error: 'ignore' is not one of \['fail', 'drop'\]"),
+        ("reward.timeout=0", r"reward.timeout: must be > 0 seconds or null"),
+        ("sample.num_steps=5000", r"sample.num_steps: must be <= 1000"),
+        ("sample.resolution=-8", r"sample.resolution: must be > 0"),
+        ("train.batch_size.x=1", r"train.batch_size: expected int, got dict"),
         ("train.learning_rate=-0.1", r"train.learning_rate: must be > 0"),
         ("train.timestep_fraction=0", r"train.timestep_fraction: must be in \(0, 1\]"),
         ("train.timestep_fraction=1.5", r"train.timestep_fraction: must be in \(0, 1\]"),
@@ -58,7 +73,7 @@ def test_dumped_config_reads_back_equal(tmp_path):
             r"must be a multiple of train.batch_size \* train.gradient_accumulation_steps = 12",
         ),
         ("sample.batch_size=0", r"sample.batch_size: must be >= 1"),
-        ("sample.eta=0", r"sample.eta: must be > 0"),
+        ("sample.eta=0", r"sample.eta: must be > 0 for ddpo, which trains on step log-probabilities"),
         ("train.cfg=maybe", r"train.cfg: expected bool, got str"),
         ("run.num_epochs=2.5", r"run.num_epochs: expected int, got float"),
         ("model.attention=flash", r"model.attention: 'flash' is not one of \['auto', 'sdpa', 'xformers'\]"),
@@ -82,5 +97,13 @@ def test_file_errors_name_file_and_line(tmp_path):
         load_config(bad)
     typo = tmp_path / "typo.yaml"
     typo.write_text("sample:\n  num_step: 10\n")
-    with pytest.raises(ConfigError, match="unknown key 'sample.num_step'"):
+    with pytest.raises(ConfigError, match="unknown key 'sample.num_step'; did you mean 'sample.num_steps'"):
         load_config(typo)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- train\n- sample\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping of sections, got list"):
+        load_config(listed)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"train:\n  batch_size: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="binary.yaml: not UTF-8 text"):
+        load_config(binary)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from diffrl.errors import InputFileError
 from diffrl.prompts import load_prompts
 
 
@@ -26,8 +27,8 @@ def test_sampling_is_reproducible_and_uses_the_set():
 
 
 def test_bad_sources_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(InputFileError, match="missing.txt"):
         load_prompts(str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")
-    with pytest.raises(ValueError, match="no prompts"):
+    with pytest.raises(InputFileError, match="no prompts"):
         load_prompts(str(tmp_path / "empty.txt"))

@@ -112,7 +112,7 @@ def test_resume_after_epoch_2_equals_uninterrupted_run(tmp_path):
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
         resolve_train_config(TINY, [], str(tmp_path))
 
 

@@ -47,6 +47,7 @@ def ppo_loss(
     advantages: torch.Tensor,
     clip_range: float,
     adv_clip_max: float,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PPOStats]:
     """PPO clipped surrogate for one timestep of a minibatch.
 
@@ -64,10 +65,16 @@ def ppo_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    weight = torch.ones_like(ratio) if valid is None else valid.to(ratio.device, torch.float32)
+    count = weight.sum().clamp(min=1.0)
+
+    def mean(values: torch.Tensor) -> torch.Tensor:
+        return (values * weight).sum() / count
+
+    loss = mean(torch.maximum(unclipped, clipped))
     with torch.no_grad():
         stats = PPOStats(
-            approx_kl=0.5 * (log_ratio**2).mean(),
-            clipfrac=((ratio - 1.0).abs() > clip_range).float().mean(),
+            approx_kl=mean(0.5 * log_ratio**2),
+            clipfrac=mean(((ratio - 1.0).abs() > clip_range).float()),
         )
     return loss, stats

@@ -9,10 +9,13 @@ arguments the imported object is treated as a factory and called with them to ma
 from __future__ import annotations
 
 import importlib
+import threading
+import warnings
 from collections.abc import Callable
 
 import torch
 
+from diffrl.errors import RewardError
 from diffrl.rewards.clip import aesthetic, clip_score
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
 from diffrl.rewards.shapes import shapes_alignment
@@ -29,22 +32,26 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
 """Built-in reward factories by name."""
 
 
-class RewardError(ValueError):
-    """A reward returned something that is not a finite float tensor of shape ``[B]``."""
-
-
 def check_rewards(name: str, values, batch_size: int) -> torch.Tensor:
-    """Validate a reward's output; returns it as float32 ``[B]`` on CPU or raises :class:`RewardError`."""
+    """Validate a reward's output; returns it as float32 ``[B]`` on CPU or raises :class:`RewardError`.
+
+    Non-finite values raise an error whose ``indices`` are the bad samples and whose ``values``
+    hold the whole batch, so that :func:`score` can drop just those samples.
+    """
     if not isinstance(values, torch.Tensor):
         raise RewardError(
             f"reward {name!r} returned {type(values).__name__}, expected a torch.Tensor of shape [{batch_size}]"
         )
     if tuple(values.shape) != (batch_size,):
         raise RewardError(f"reward {name!r} returned shape {tuple(values.shape)}, expected ({batch_size},)")
+    if values.is_complex() or values.dtype == torch.bool:
+        raise RewardError(f"reward {name!r} returned dtype {values.dtype}, expected a real floating tensor")
     values = values.detach().float().cpu()
     bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
     if bad:
-        raise RewardError(f"reward {name!r} returned non-finite values at sample indices {bad}")
+        raise RewardError(
+            f"reward {name!r} returned non-finite values at sample indices {bad}", indices=bad, values=values
+        )
     return values
 
 
@@ -52,8 +59,8 @@ def _import(path: str):
     module_name, _, attr = path.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
+    except (ImportError, AttributeError, ValueError) as err:
+        raise RewardError(
             f"reward {path!r}: cannot import {attr!r} from module {module_name!r} ({err})"
         ) from err
 
@@ -70,11 +77,11 @@ def get(name: str, **kwargs) -> RewardFn:
         fn = _import(name)
         fn = fn(**kwargs) if kwargs else fn
     else:
-        raise ValueError(
+        raise RewardError(
             f"unknown reward {name!r}; built-ins: {', '.join(REGISTRY)}; or give 'package.module:function'"
         )
     if not callable(fn):
-        raise ValueError(f"reward {name!r} is not callable")
+        raise RewardError(f"reward {name!r} is not callable")
 
     def checked(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         metadata = metadata if metadata is not None else [{} for _ in prompts]
@@ -84,12 +91,84 @@ def get(name: str, **kwargs) -> RewardFn:
     return checked
 
 
+def _call_with_timeout(fn: Callable, args: tuple, timeout: float | None):
+    """``fn(*args)``, raising ``TimeoutError`` after ``timeout`` seconds. The call runs in a daemon
+    thread that is abandoned on timeout (Python cannot stop a thread; it finishes in the background)."""
+    if timeout is None:
+        return fn(*args)
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as err:  # handed to the caller below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True, name="diffrl-reward")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no result after {timeout:g}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def score(
+    reward_fn: RewardFn,
+    images: torch.Tensor,
+    prompts: list[str],
+    metadata: list[dict],
+    *,
+    timeout: float | None = None,
+    on_error: str = "fail",
+    first_index: int = 0,
+    where: str = "",
+) -> torch.Tensor:
+    """Rewards of a batch with the faults of the reward contained (``reward.timeout``, ``reward.on_error``).
+
+    A reward that raises, exceeds ``timeout`` seconds, or returns the wrong type or shape fails the
+    whole batch; non-finite values fail their samples. With ``on_error="fail"`` a
+    :class:`RewardError` names the reward, ``where`` (e.g. ``"epoch 3"``) and the failed sample
+    indices (counted from ``first_index``); with ``"drop"`` the failed samples get NaN and a
+    warning says the same.
+
+    Returns:
+        ``[B]`` float32; NaN marks dropped samples.
+    """
+    name = getattr(reward_fn, "__name__", "reward")
+    batch = images.shape[0]
+    at = f" ({where})" if where else ""
+    try:
+        return _call_with_timeout(reward_fn, (images, prompts, metadata), timeout)
+    except RewardError as err:
+        if err.values is None:
+            failed, values, message = list(range(batch)), torch.full((batch,), float("nan")), str(err)
+        else:
+            failed, values = err.indices, err.values.clone()
+            values[failed] = float("nan")
+            message = f"reward {name!r} returned non-finite values"
+    except Exception as err:
+        failed, values = list(range(batch)), torch.full((batch,), float("nan"))
+        cause = "timed out" if isinstance(err, TimeoutError) else "raised"
+        message = f"reward {name!r} {cause} {type(err).__name__}: {err}"
+    indices = [first_index + i for i in failed]
+    if on_error == "fail":
+        raise RewardError(
+            f"{message} on sample indices {indices}{at}; set reward.on_error=drop to drop such samples",
+            indices=indices,
+        )
+    warnings.warn(f"{message} on sample indices {indices}{at}; dropped", RuntimeWarning, stacklevel=2)
+    return values
+
+
 __all__ = [
     "REGISTRY",
     "RewardError",
     "RewardFn",
     "check_rewards",
     "get",
+    "score",
     "aesthetic",
     "clip_score",
     "jpeg_compressibility",

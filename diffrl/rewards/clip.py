@@ -8,7 +8,6 @@ interpolation, center crop, normalise with the model's mean/std). They never res
 
 from __future__ import annotations
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +25,8 @@ def load_clip(model: str, pretrained: str | None, device: str | torch.device = "
     ``pretrained=None`` gives random weights (tests). Offline, a tag that is not cached raises an
     error saying which file to provide.
     """
+    import open_clip  # imported on use: it costs seconds at start-up
+
     try:
         clip = open_clip.create_model(model, pretrained=pretrained, device=device)
     except RuntimeError as err:  # open_clip reports unknown tags and failed downloads this way
@@ -124,6 +125,8 @@ def clip_score(
 
     Returns ``(images, prompts, metadata) -> [B]`` float32; typical SD values 27-31.
     """
+    import open_clip
+
     device = device or _default_device()
     clip = clip if clip is not None else load_clip(clip_model, clip_pretrained, device)
     tokenizer = open_clip.get_tokenizer(clip_model)
