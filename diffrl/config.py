@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from diffrl.algorithms.b2diffurl import B2DiffuRLConfig
 from diffrl.errors import ConfigError
 
 
@@ -152,8 +153,8 @@ class RunConfig:
 
 @dataclass
 class Config:
-    algorithm: Literal["ddpo"] = "ddpo"
-    """Training algorithm."""
+    algorithm: Literal["ddpo", "b2diffurl"] = "ddpo"
+    """Training algorithm: DDPO, or B²-DiffuRL (DDPO's loss on branch-sampled, progressively longer suffixes)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -161,6 +162,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    b2diffurl: B2DiffuRLConfig = field(default_factory=B2DiffuRLConfig)
+    """Schedule, branching and selection of B²-DiffuRL (used when algorithm = b2diffurl)."""
 
 
 # ---------------------------------------------------------------------------- YAML 1.2 reading
@@ -369,6 +372,9 @@ def validate(config: Config) -> Config:
         "train.timestep_fraction",
         f"trains int({s.num_steps} * {t.timestep_fraction}) = 0 timesteps",
     )
+    if config.algorithm == "b2diffurl":
+        _validate_b2diffurl(config)
+        return config
     samples = s.batch_size * s.num_batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     _require(
@@ -381,6 +387,22 @@ def validate(config: Config) -> Config:
         s.resolution is None or s.resolution > 0, "sample.resolution", f"must be > 0, got {s.resolution}"
     )
     return config
+
+
+def _validate_b2diffurl(config: Config) -> None:
+    """B²-DiffuRL's schedule must fit in the sampler's steps. (Its selection keeps a varying number
+    of samples, padded to whole optimizer steps, so batch sizes need not divide.)"""
+    b, n = config.b2diffurl, config.sample.num_steps
+    _require(
+        1 <= b.min_trained_steps <= b.max_trained_steps <= n,
+        "b2diffurl.min_trained_steps",
+        f"need 1 <= min_trained_steps ({b.min_trained_steps}) <= max_trained_steps ({b.max_trained_steps}) "
+        f"<= sample.num_steps ({n})",
+    )
+    for key, value in [("b2diffurl.num_stages", b.num_stages), ("b2diffurl.num_branches", b.num_branches)]:
+        _require(value >= 1, key, f"must be >= 1, got {value}")
+    _require(b.history_stages >= 0, "b2diffurl.history_stages", f"must be >= 0, got {b.history_stages}")
+    _require(b.select_threshold >= 0, "b2diffurl.select_threshold", f"must be >= 0, got {b.select_threshold}")
 
 
 # ---------------------------------------------------------------------------- entry points

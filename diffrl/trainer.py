@@ -26,7 +26,8 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from diffrl import rewards
-from diffrl.algorithms.ddpo import compute_advantages, ppo_loss
+from diffrl.algorithms import b2diffurl, ddpo
+from diffrl.algorithms.ddpo import ppo_loss
 from diffrl.checkpoints import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from diffrl.config import Config, SampleConfig, dump_yaml, to_dict
 from diffrl.errors import ConfigError, NumericalError, RewardError, RunStopped
@@ -42,7 +43,7 @@ from diffrl.files import (
 from diffrl.pipelines import inspect_pipeline, load_pipeline
 from diffrl.policies.ddim import ddim_step_with_logprob
 from diffrl.prompts import load_prompts
-from diffrl.rollout import guided_noise_pred, sample_trajectories
+from diffrl.rollout import guided_noise_pred, sample_branches
 from diffrl.stat_tracking import PerPromptStatTracker
 from diffrl.types import Trajectory
 
@@ -152,11 +153,16 @@ class Streams:
 # ============================================================================ sampling + rewards
 
 
-def sample_batch(pipe, s: SampleConfig, prompts: list[str], generator: torch.Generator) -> Trajectory:
-    """One batch of trajectories with the configured sampler (DDIM steps, eta, guidance, size)."""
-    return sample_trajectories(
+def sample_batch(
+    pipe, s: SampleConfig, prompts: list[str], generator: torch.Generator, branching: tuple[int, int] = (0, 1)
+) -> Trajectory:
+    """One batch of trajectories with the configured sampler (DDIM steps, eta, guidance, size);
+    ``branching = (b, K)`` continues K branches from step b of each chain (B²-DiffuRL)."""
+    return sample_branches(
         pipe,
         prompts,
+        branch_step=branching[0],
+        num_branches=branching[1],
         num_steps=s.num_steps,
         guidance_scale=s.guidance_scale,
         eta=s.eta,
@@ -165,6 +171,15 @@ def sample_batch(pipe, s: SampleConfig, prompts: list[str], generator: torch.Gen
         width=s.resolution,
         negative_prompt=s.negative_prompt,
     )
+
+
+def branching(config: Config, epoch: int) -> tuple[int, int]:
+    """(branch step b, branches K) of this epoch's rollouts: (0, 1) for DDPO; B²-DiffuRL's stage
+    schedule b(s) = N − ℓ(s) with K branches (stage s = epoch s)."""
+    if config.algorithm != "b2diffurl":
+        return 0, 1
+    b = config.b2diffurl
+    return b2diffurl.branch_step(epoch, config.sample.num_steps, b), b.num_branches
 
 
 def score_batch(reward_fn, traj: Trajectory, metadata: list[dict], config: Config, first: int, where: str):
@@ -196,9 +211,9 @@ def sample_epoch(
         for _ in tqdm(range(s.num_batches_per_epoch), desc="sampling", disable=not progress, leave=False):
             prompts = source.sample(s.batch_size, streams.prompts)
             with accelerator.autocast():
-                traj = sample_batch(pipe, s, prompts, streams.sampling)
+                traj = sample_batch(pipe, s, prompts, streams.sampling, branching(config, epoch))
             trajectories.append(traj)
-            batch_metadata = [{} for _ in prompts]
+            batch_metadata = [{} for _ in traj.prompts]
             futures.append(
                 pool.submit(score_batch, reward_fn, traj, batch_metadata, config, len(metadata), where)
             )
@@ -235,35 +250,51 @@ def fixed_sample_grid(pipe, config: Config, source, reward_fn, path: Path) -> No
 def stack_epoch(trajectories) -> dict[str, torch.Tensor]:
     """Concatenate an epoch's trajectories into training tensors (N = all local samples)."""
     neg = [t.negative_prompt_embeds for t in trajectories]
+    groups, offset = [], 0
+    for t in trajectories:
+        parents = torch.arange(len(t)) if t.parents is None else t.parents
+        groups.append(parents + offset)
+        offset += int(parents.max()) + 1
     return {
         "latents": torch.cat([t.latents for t in trajectories]),  # [N, T+1, C, h, w]
         "log_probs": torch.cat([t.log_probs for t in trajectories]),  # [N, T]
         "prompt_embeds": torch.cat([t.prompt_embeds for t in trajectories]),  # [N, L, D]
         "negative_prompt_embeds": None if neg[0] is None else torch.cat(neg),  # [N, L, D]
         "timesteps": trajectories[0].timesteps,  # [T]
+        "groups": torch.cat(groups),  # [N] sibling group (shared trunk) of each sample
     }
 
 
-def gathered_advantages(prompts, local_rewards, tracker, accelerator, epoch: int):
-    """Gather every process's rewards and prompts, compute advantages on the whole batch (identically
-    on every process) from the samples whose reward was not dropped (NaN).
+def gathered_advantages(
+    prompts, groups, local_rewards, reward_stats, config: Config, accelerator, epoch: int
+):
+    """Gather every process's rewards, prompts and sibling groups; compute advantages on the whole
+    batch (identically on every process) from the samples whose reward was not dropped (NaN):
+    DDPO's per-prompt statistics (``reward_stats`` a :class:`PerPromptStatTracker` or None), or
+    B²-DiffuRL's history z-scores and sibling selection (``reward_stats`` a ``StageHistory``).
 
-    Returns (this process's advantages ``[N]``, 0 where dropped; this process's kept-sample mask
-    ``[N]`` bool; all rewards ``[P*N]``, NaN where dropped).
+    Returns (this process's advantages ``[N]``, 0 where not trained; this process's mask of
+    trained samples ``[N]`` bool; all rewards ``[P*N]``, NaN where dropped).
     """
+    n = local_rewards.shape[0]
     all_rewards = accelerator.gather(local_rewards.to(accelerator.device)).cpu()
+    all_groups = accelerator.gather((groups + accelerator.process_index * n).to(accelerator.device)).cpu()
     all_prompts = gather_object(list(prompts)) if accelerator.num_processes > 1 else list(prompts)
-    valid = torch.isfinite(all_rewards)
-    if not valid.any():
+    finite = torch.isfinite(all_rewards)
+    if not finite.any():
         raise RewardError(
             f"epoch {epoch}: the reward failed on every sample (all dropped); nothing to train on"
         )
-    advantages = torch.zeros_like(all_rewards)
-    kept_prompts = [p for p, keep in zip(all_prompts, valid.tolist()) if keep]
-    advantages[valid] = compute_advantages(kept_prompts, all_rewards[valid], tracker)
-    n = local_rewards.shape[0]
+    advantages, trained = torch.zeros_like(all_rewards), finite.clone()
+    kept_prompts = [p for p, keep in zip(all_prompts, finite.tolist()) if keep]
+    if config.algorithm == "b2diffurl":
+        advantages[finite], trained[finite] = b2diffurl.compute_advantages(
+            kept_prompts, all_rewards[finite], all_groups[finite], reward_stats, epoch, config.b2diffurl
+        )
+    else:
+        advantages[finite] = ddpo.compute_advantages(kept_prompts, all_rewards[finite], reward_stats)
     start = accelerator.process_index * n
-    return advantages[start : start + n], valid[start : start + n], all_rewards
+    return advantages[start : start + n], trained[start : start + n], all_rewards
 
 
 # ============================================================================ training
@@ -372,12 +403,27 @@ def optimizer_step(optimizer, params, named_params, loss_fault: str | None, conf
     return fault
 
 
+def training_samples(trained: torch.Tensor, per_step: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local samples to train on, padded so that every process runs the same number of whole
+    optimizer steps (DDP needs it): ``trained [N]`` bool -> (indices ``[M]``, mask ``[M]`` bool),
+    M a multiple of ``per_step``; padding repeats a sample with mask False (no loss)."""
+    kept = trained.nonzero().flatten()
+    count = torch.tensor([kept.numel()], device=accelerator.device)
+    most = int(accelerator.gather(count).max()) if accelerator.num_processes > 1 else kept.numel()
+    size = max(1, -(-most // per_step)) * per_step
+    pad = size - kept.numel()
+    filler = kept[:1] if kept.numel() else torch.zeros(1, dtype=torch.long)
+    index = torch.cat([kept, filler.repeat(pad)])
+    mask = torch.cat([torch.ones(kept.numel(), dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)])
+    return index, mask
+
+
 def train_epoch(
     unet,
     pipe,
     data,
     advantages,
-    valid,
+    trained,
     config: Config,
     optimizer,
     params,
@@ -387,12 +433,20 @@ def train_epoch(
     epoch,
     progress,
 ):
-    """PPO updates over one epoch's samples (``num_inner_epochs`` passes); samples whose reward was
-    dropped (``valid [N]`` False) take no part in the loss. Returns mean stats."""
+    """PPO updates over one epoch's samples (``num_inner_epochs`` passes): the samples with
+    ``trained [N]`` True (others were dropped or not selected), at the steps from the epoch's
+    branch point on (all steps for DDPO), each sample's steps in its own random order.
+    Returns mean stats."""
     t, s = config.train, config.sample
+    index, valid = training_samples(trained, t.batch_size * t.gradient_accumulation_steps, accelerator)
+    data = {k: v if k == "timesteps" or v is None else v[index] for k, v in data.items()}
+    advantages = advantages[index]
     old_log_probs = data["log_probs"]
     num_samples, num_steps = old_log_probs.shape
-    num_train_steps = int(num_steps * t.timestep_fraction)
+    first_step = branching(config, epoch)[0]
+    num_train_steps = int((num_steps - first_step) * t.timestep_fraction)
+    accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps * num_train_steps
+    accelerator.step = 0  # whole optimizer steps per epoch; the accumulation length may change between epochs
     named_params = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     pipe.scheduler.set_timesteps(s.num_steps, device=data["latents"].device)
     totals = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
@@ -400,8 +454,8 @@ def train_epoch(
     unet.train()
     for inner in range(t.num_inner_epochs):
         order = torch.randperm(num_samples, generator=streams.shuffle)
-        step_order = torch.stack(
-            [torch.randperm(num_steps, generator=streams.shuffle) for _ in range(num_samples)]
+        step_order = first_step + torch.stack(
+            [torch.randperm(num_steps - first_step, generator=streams.shuffle) for _ in range(num_samples)]
         )
         batches = order.split(t.batch_size)
         if inner == 0:
@@ -516,10 +570,21 @@ def build_policy(config: Config, accelerator: Accelerator):
     return pipe, unet, params, optimizer
 
 
-def open_run(config: Config, accelerator: Accelerator, pipe, optimizer, tracker, streams) -> tuple[Path, int]:
+def reward_statistics(config: Config):
+    """The state advantages are computed with, saved in every checkpoint: DDPO's per-prompt
+    tracker (None with stat_tracking disabled) or B²-DiffuRL's per-prompt stage history."""
+    if config.algorithm == "b2diffurl":
+        return b2diffurl.StageHistory(config.b2diffurl.history_stages)
+    st = config.stat_tracking
+    return PerPromptStatTracker(st.buffer_size, st.min_count) if st.enabled else None
+
+
+def open_run(
+    config: Config, accelerator: Accelerator, pipe, optimizer, reward_stats, streams
+) -> tuple[Path, int]:
     """Create (or, resuming, restore) the run folder; returns ``(run_dir, first epoch to run)``.
 
-    Resuming restores weights, optimizer, RNG streams and stat tracker from the checkpoint (or,
+    Resuming restores weights, optimizer, RNG streams and reward statistics from the checkpoint (or,
     stopped before the first one, starts over) and drops metrics of epochs after it, so none are
     duplicated.
     """
@@ -529,8 +594,8 @@ def open_run(config: Config, accelerator: Accelerator, pipe, optimizer, tracker,
         if checkpoint is not None:
             state, rng = load_checkpoint(checkpoint, pipe.unet, optimizer, accelerator.process_index)
             streams.load(rng)
-            if tracker is not None and state.get("tracker"):
-                tracker.load_state_dict(state["tracker"])
+            if reward_stats is not None and state.get("tracker"):
+                reward_stats.load_state_dict(state["tracker"])
             start_epoch = state["epoch"] + 1
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -544,7 +609,7 @@ def open_run(config: Config, accelerator: Accelerator, pipe, optimizer, tracker,
 
 
 def save_epoch(
-    run_dir: Path, epoch: int, config: Config, pipe, optimizer, tracker, streams, accelerator
+    run_dir: Path, epoch: int, config: Config, pipe, optimizer, reward_stats, streams, accelerator
 ) -> None:
     """Checkpoint after ``epoch`` (every process takes part), prune old ones, export the weights."""
     save_checkpoint(
@@ -553,7 +618,7 @@ def save_epoch(
         pipe.unet,
         optimizer,
         streams.state(),
-        {"tracker": tracker.state_dict() if tracker else None},
+        {"tracker": reward_stats.state_dict() if reward_stats is not None else None},
         accelerator.process_index,
         accelerator.is_main_process,
         accelerator.wait_for_everyone,
@@ -620,8 +685,6 @@ def train(config: Config):
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # multi-process CPU runs (gloo) need this to be detected
         mixed_precision=config.model.mixed_precision,
-        gradient_accumulation_steps=config.train.gradient_accumulation_steps
-        * int(config.sample.num_steps * config.train.timestep_fraction),
         log_with=None if config.run.log_with == "none" else config.run.log_with,
         project_dir=config.run.output_dir,
     )
@@ -637,12 +700,11 @@ def train(config: Config):
 def _train_loop(config: Config, accelerator, source, reward_fn, stop: StopSignals):
     """The epochs of :func:`train`, after its checks."""
     progress = accelerator.is_local_main_process and sys.stderr.isatty()
-    st = config.stat_tracking
-    tracker = PerPromptStatTracker(st.buffer_size, st.min_count) if st.enabled else None
+    reward_stats = reward_statistics(config)
     streams = Streams.seeded(config.run.seed, accelerator.process_index)
     guard = NonFiniteGuard(config.train.max_nonfinite_steps)
     pipe, unet, params, optimizer = build_policy(config, accelerator)
-    run_dir, start_epoch = open_run(config, accelerator, pipe, optimizer, tracker, streams)
+    run_dir, start_epoch = open_run(config, accelerator, pipe, optimizer, reward_stats, streams)
     if start_epoch == 0 and accelerator.is_main_process:
         fixed_sample_grid(pipe, config, source, reward_fn, run_dir / "samples" / "before.png")
     if start_epoch >= config.run.num_epochs and accelerator.is_main_process:
@@ -655,8 +717,9 @@ def _train_loop(config: Config, accelerator, source, reward_fn, stop: StopSignal
             pipe, config, source, reward_fn, streams, accelerator, epoch, progress
         )
         prompts = [p for traj in trajectories for p in traj.prompts]
-        advantages, valid, all_rewards = gathered_advantages(
-            prompts, local_rewards, tracker, accelerator, epoch
+        data = stack_epoch(trajectories)
+        advantages, trained, all_rewards = gathered_advantages(
+            prompts, data["groups"], local_rewards, reward_stats, config, accelerator, epoch
         )
 
         # training
@@ -664,9 +727,9 @@ def _train_loop(config: Config, accelerator, source, reward_fn, stop: StopSignal
         stats = train_epoch(
             unet,
             pipe,
-            stack_epoch(trajectories),
+            data,
             advantages,
-            valid,
+            trained,
             config,
             optimizer,
             params,
@@ -683,7 +746,9 @@ def _train_loop(config: Config, accelerator, source, reward_fn, stop: StopSignal
             "reward_std": kept.std(unbiased=False).item(),
             "num_samples": kept.numel(),
             "num_dropped": all_rewards.numel() - kept.numel(),
-            **metadata_means(metadata, valid, accelerator),
+            "num_trained": int(accelerator.reduce(trained.sum().to(accelerator.device), "sum")),
+            "branch_step": branching(config, epoch)[0],
+            **metadata_means(metadata, torch.isfinite(local_rewards), accelerator),
             **{
                 k: accelerator.reduce(torch.tensor(float(v), device=accelerator.device), "mean").item()
                 for k, v in stats.items()
@@ -705,7 +770,7 @@ def _train_loop(config: Config, accelerator, source, reward_fn, stop: StopSignal
             write_epoch_outputs(run_dir, epoch, record, trajectories[0], local_rewards)
         signum = stop.requested(accelerator)
         if signum or (epoch + 1) % config.run.save_freq == 0 or epoch == config.run.num_epochs - 1:
-            save_epoch(run_dir, epoch, config, pipe, optimizer, tracker, streams, accelerator)
+            save_epoch(run_dir, epoch, config, pipe, optimizer, reward_stats, streams, accelerator)
         accelerator.wait_for_everyone()
         if signum:
             accelerator.end_training()

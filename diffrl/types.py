@@ -44,6 +44,9 @@ class Trajectory:
         log_probs: log pi(latents[:, j+1] | latents[:, j]) at sampling time, ``[B, T]`` float32;
             None for a deterministic chain (eta = 0), which has no density.
         images: decoded final images, ``[B, 3, H, W]`` float32 in [0, 1].
+        parents: for branch sampling (B²-DiffuRL), the index of each chain's shared prefix
+            (its trunk), ``[B]`` long: chains with equal parents have equal ``latents[:, :b+1]``.
+            None when every chain is independent.
     """
 
     prompts: list[str]
@@ -53,6 +56,7 @@ class Trajectory:
     timesteps: torch.Tensor
     log_probs: torch.Tensor | None
     images: torch.Tensor
+    parents: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

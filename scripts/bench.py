@@ -8,7 +8,10 @@ interleaved (A, B, A, B, ...) in one process; medians over repeats:
   (b) training: one DDPO minibatch (T trained timesteps: guided forward, log-prob, PPO loss,
       backward, clip, Adam step) / the T bare UNet forward+backward passes on the same inputs.
 
-Target: both ratios <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--repeats 5] [--json out.json]
+  (c) branch sampling (B²-DiffuRL): images/s of ``sample_branches`` (batch/K trunks, K branches
+      from the middle step) against plain sampling of the same number of images.
+
+Target: (a), (b) <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--branches 4] [--repeats 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from accelerate import Accelerator
 
 from diffrl.config import load_config
 from diffrl.pipelines import load_pipeline
-from diffrl.rollout import sample_trajectories
-from diffrl.trainer import Streams, prepare_unet, stack_epoch, train_epoch
+from diffrl.rollout import sample_branches, sample_trajectories
+from diffrl.trainer import NonFiniteGuard, Streams, prepare_unet, stack_epoch, train_epoch
 
 
 def _timed(fn) -> float:
@@ -33,7 +36,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(steps: int, batch: int, repeats: int) -> dict:
+def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
     config = load_config(
         None,
         [
@@ -68,24 +71,53 @@ def bench(steps: int, batch: int, repeats: int) -> dict:
     unet, optimizer = accelerator.prepare(unet, optimizer)
     streams = Streams.seeded(0, 0)
 
+    everyone, guard = torch.ones(batch, dtype=torch.bool), NonFiniteGuard(limit=1000)
+
     def train_step():
-        train_epoch(unet, pipe, data, advantages, config, optimizer, params, streams, accelerator, False)
+        train_epoch(
+            unet,
+            pipe,
+            data,
+            advantages,
+            everyone,
+            config,
+            optimizer,
+            params,
+            streams,
+            accelerator,
+            guard,
+            0,
+            False,
+        )
+
+    trunks = prompts[: max(1, batch // branches)]
+
+    def branched():
+        sample_branches(
+            pipe, trunks, branch_step=steps // 2, num_branches=branches, num_steps=steps, generator=generator
+        )
+
+    def plain():
+        sample_trajectories(pipe, prompts[: len(trunks)] * branches, num_steps=steps, generator=generator)
 
     def bare_backward():
         for x, t in zip(inputs, t2):
             unet(x, t, encoder_hidden_states=embeds).sample.float().pow(2).mean().backward()
         optimizer.zero_grad()
 
-    for fn in (rollout, bare_forward, train_step, bare_backward):  # warm-up
+    cases = {
+        "rollout": rollout,
+        "bare_forward": bare_forward,
+        "train_step": train_step,
+        "bare_backward": bare_backward,
+        "branch_sampling": branched,
+        "plain_sampling": plain,
+    }
+    for fn in cases.values():  # warm-up
         fn()
-    times = {name: [] for name in ("rollout", "bare_forward", "train_step", "bare_backward")}
+    times = {name: [] for name in cases}
     for _ in range(repeats):
-        for name, fn in (
-            ("rollout", rollout),
-            ("bare_forward", bare_forward),
-            ("train_step", train_step),
-            ("bare_backward", bare_backward),
-        ):
+        for name, fn in cases.items():
             times[name].append(_timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
@@ -95,6 +127,8 @@ def bench(steps: int, batch: int, repeats: int) -> dict:
         "median_seconds": med,
         "rollout_ratio": med["rollout"] / med["bare_forward"],
         "train_ratio": med["train_step"] / med["bare_backward"],
+        "branch_images": len(trunks) * branches,
+        "branch_speedup": med["plain_sampling"] / med["branch_sampling"],
     }
 
 
@@ -104,10 +138,11 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--branches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    result = bench(args.steps, args.batch, args.repeats)
+    result = bench(args.steps, args.batch, args.branches, args.repeats)
     med = result["median_seconds"]
     print(f"tiny-sd, T={args.steps}, batch={args.batch}, median of {args.repeats} interleaved repeats")
     print("| measure | diffrl (s) | bare UNet (s) | ratio | target |")
@@ -117,6 +152,12 @@ def main() -> None:
     )
     print(
         f"| training step | {med['train_step']:.4f} | {med['bare_backward']:.4f} | {result['train_ratio']:.3f} | <= 1.05 |"
+    )
+    images = result["branch_images"]
+    print(
+        f"\nbranch sampling, {images} images ({images // args.branches} trunks x {args.branches} branches from step "
+        f"{args.steps // 2}): {images / med['branch_sampling']:.1f} images/s vs plain {images / med['plain_sampling']:.1f} "
+        f"images/s ({result['branch_speedup']:.2f}x)"
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -19,7 +19,7 @@ import diffrl.trainer
 from diffrl.cli import main
 
 POINTS = {
-    "sampling": (diffrl.trainer, "sample_trajectories", "before"),
+    "sampling": (diffrl.trainer, "sample_branches", "before"),
     "reward": (diffrl.rewards, "score", "before"),
     "training": (diffrl.trainer, "ppo_loss", "before"),
     "checkpoint": (diffrl.checkpoints, "save_file", "after"),

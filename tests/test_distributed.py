@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 HERE = Path(__file__).parent
 
 
-@pytest.mark.slow
-def test_two_processes_keep_identical_lora_and_gather_rewards(tmp_path):
+def _torchrun(tmp_path, config: str, *overrides: str, port: int) -> None:
+    """Train with two CPU processes (gloo); each saves its trainable weights into tmp_path."""
     env = dict(
         os.environ,
         DIFFRL_PROBE_DIR=str(tmp_path),
@@ -28,9 +28,26 @@ def test_two_processes_keep_identical_lora_and_gather_rewards(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(port),
         str(HERE / "dist_train.py"),
-        str(HERE.parent / "configs" / "ddpo" / "tiny_compressibility.yaml"),
+        str(HERE.parent / "configs" / config),
+        *overrides,
+        f"run.output_dir={tmp_path}",
+        "run.name=dist",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _rank_weights(tmp_path):
+    return [load_file(str(tmp_path / f"weights_rank{r}.safetensors")) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_lora_and_gather_rewards(tmp_path):
+    _torchrun(
+        tmp_path,
+        "ddpo/tiny_compressibility.yaml",
         "sample.num_steps=4",
         "sample.batch_size=4",
         "sample.num_batches_per_epoch=2",
@@ -38,13 +55,9 @@ def test_two_processes_keep_identical_lora_and_gather_rewards(tmp_path):
         "run.num_epochs=2",
         "train.learning_rate=1e-2",
         "reward.name=reward_probe:logged_brightness",
-        f"run.output_dir={tmp_path}",
-        "run.name=dist",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    rank0, rank1 = (load_file(str(tmp_path / f"weights_rank{r}.safetensors")) for r in (0, 1))
+        port=29517,
+    )
+    rank0, rank1 = _rank_weights(tmp_path)
     assert rank0.keys() == rank1.keys() and any("lora" in k for k in rank0)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
@@ -70,3 +83,24 @@ def test_two_processes_keep_identical_lora_and_gather_rewards(tmp_path):
     assert sorted(
         p.name for p in (tmp_path / "dist" / "checkpoints" / "epoch_0001").glob("rng_rank*.pt")
     ) == ["rng_rank0.pt", "rng_rank1.pt"]
+
+
+@pytest.mark.slow
+def test_two_processes_run_b2diffurl_with_unequal_selections(tmp_path):
+    """Each process keeps a different number of selected samples; padding to whole optimizer steps
+    keeps DDP in step (no hang) and the ranks' LoRA identical."""
+    _torchrun(
+        tmp_path,
+        "b2diffurl/tiny_alignment.yaml",
+        "sample.batch_size=4",
+        "train.batch_size=2",
+        "run.num_epochs=3",
+        "run.save_freq=3",
+        port=29518,
+    )
+    rank0, rank1 = _rank_weights(tmp_path)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    metrics = [json.loads(x) for x in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["branch_step"] for m in metrics] == [2, 2, 2]  # l(s) = 2 + floor(s * 3 / 40) for s < 14
+    assert all(0 < m["num_trained"] <= 2 * 8 and m["num_samples"] == 2 * 4 * 4 for m in metrics), metrics
