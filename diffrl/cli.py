@@ -1,38 +1,152 @@
-"""Command line: ``diffrl train``, ``diffrl eval`` and ``diffrl sample``."""
+"""Command line: ``diffrl train``, ``diffrl eval``, ``diffrl sample`` and ``diffrl train-value``."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
 import torch
 
 from diffrl import rewards
+from diffrl.errors import ConfigError
 from diffrl.files import image_grid, save_png
-from diffrl.pipelines import load_pipeline
-from diffrl.rollout import sample_trajectories
+
+GUIDANCE = ("none", "svdd-pm", "svdd-mc", "best-of-n", "smc")
 
 
 def _sample(args: argparse.Namespace) -> int:
+    """``diffrl sample``: plain or reward-guided sampling; writes images, a grid and reward tables."""
+    import csv
+    import json
+    import time
+
+    from diffrl.evaluation import load_for_eval
+    from diffrl.files import atomic_write_bytes
+    from diffrl.guidance import svdd
+    from diffrl.prompts import load_prompts
+
+    if args.guidance in ("svdd-pm", "best-of-n", "smc") and not args.reward:
+        raise ConfigError(f"--guidance {args.guidance} needs --reward")
+    if args.guidance == "svdd-mc" and not args.value_net:
+        raise ConfigError("--guidance svdd-mc needs --value-net FILE (made by diffrl train-value)")
+    prompts = load_prompts(args.prompt if args.prompt else args.prompts).prompts
+    prompts = [prompts[i % len(prompts)] for i in range(args.num_images or len(prompts))]
     reward_fn = rewards.get(args.reward) if args.reward else None
-    pipe = load_pipeline(args.model)
-    prompts = [args.prompt] * args.num_images
-    trajectory = sample_trajectories(
-        pipe,
-        prompts,
+    value_net = svdd.load_value_net(args.value_net) if args.value_net else None
+    pipe, _ = load_for_eval(args.model)
+    settings = dict(
         num_steps=args.num_steps,
         guidance_scale=args.guidance_scale,
         eta=args.eta,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    captions = [args.prompt] * len(prompts)
-    if reward_fn is not None:
-        values = reward_fn(trajectory.images, prompts, [{} for _ in prompts])
-        captions = [f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values.tolist())]
-        print(f"{args.reward}: mean {values.mean():.4f} std {values.std():.4f}")
-    save_png(image_grid(trajectory.images, captions), args.out)
-    print(f"wrote {args.out}")
+    start = time.perf_counter()
+    if args.guidance == "none":  # plain sampling: SVDD with one candidate (DDIM or LCM policy)
+        out = svdd.svdd(pipe, prompts, None, num_candidates=1, **settings)
+    elif args.guidance == "svdd-pm":
+        out = svdd.svdd(
+            pipe,
+            prompts,
+            svdd.posterior_mean_value(reward_fn),
+            num_candidates=args.M,
+            alpha=args.alpha,
+            resample_fraction=args.resample_fraction,
+            **settings,
+        )
+    elif args.guidance == "svdd-mc":
+        out = svdd.svdd(
+            pipe,
+            prompts,
+            svdd.value_net_value(value_net),
+            num_candidates=args.M,
+            alpha=args.alpha,
+            resample_fraction=args.resample_fraction,
+            **settings,
+        )
+    elif args.guidance == "best-of-n":
+        out = svdd.best_of_n(pipe, prompts, reward_fn, n=args.M, **settings)
+    else:
+        out = svdd.smc(
+            pipe,
+            prompts,
+            svdd.posterior_mean_value(reward_fn),
+            num_particles=args.M,
+            alpha=args.alpha or 0.1,
+            **settings,
+        )
+    images, calls = out.images, out.unet_calls
+    seconds = time.perf_counter() - start
+    values = (
+        reward_fn(images, prompts, [{} for _ in prompts]).tolist() if reward_fn else [None] * len(prompts)
+    )
+
+    out_dir = Path(args.out)
+    rows = []
+    for i, (prompt, image, value) in enumerate(zip(prompts, images, values)):
+        name = f"images/{i:04d}.png"
+        save_png(
+            image_grid(image[None], [""], columns=1, scale=1).crop((0, 0, *image.shape[:0:-1])),
+            out_dir / name,
+        )
+        rows.append({"index": i, "prompt": prompt, "reward": value, "file": name})
+    captions = [p if v is None else f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values)]
+    save_png(image_grid(images, captions), out_dir / "grid.png")
+    summary = {
+        "guidance": args.guidance,
+        "reward": args.reward,
+        "M": args.M,
+        "alpha": args.alpha,
+        "unet_calls": calls,
+        "seconds": seconds,
+        "images": rows,
+    }
+    atomic_write_bytes(out_dir / "rewards.json", (json.dumps(summary, indent=1) + "\n").encode())
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["index", "prompt", "reward", "file"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out_dir / "rewards.csv", table.getvalue().encode())
+    scored = [v for v in values if v is not None]
+    mean = f", mean {args.reward} {sum(scored) / len(scored):.4f}" if scored else ""
+    print(
+        f"{len(prompts)} images with --guidance {args.guidance} ({calls} UNet evaluations, {seconds:.1f}s){mean}; wrote {out_dir}"
+    )
+    return 0
+
+
+def _train_value(args: argparse.Namespace) -> int:
+    """``diffrl train-value``: fit SVDD-MC's value network on rollouts of a pipeline."""
+    from diffrl.evaluation import load_for_eval
+    from diffrl.guidance import svdd
+    from diffrl.prompts import load_prompts
+
+    source = load_prompts(args.prompts)
+    reward_fn = rewards.get(args.reward)
+    pipe, _ = load_for_eval(args.model)
+    generator = torch.Generator().manual_seed(args.seed)
+    chunks = []
+    for start in range(0, args.num_rollouts, args.batch_size):
+        prompts = source.sample(min(args.batch_size, args.num_rollouts - start), generator)
+        chunks.append(
+            svdd.value_targets(
+                pipe,
+                prompts,
+                reward_fn,
+                num_steps=args.num_steps,
+                guidance_scale=args.guidance_scale,
+                generator=generator,
+            )
+        )
+    data = [torch.cat(parts) for parts in zip(*chunks)]
+    net = svdd.train_value_net(data, epochs=args.epochs, seed=args.seed)
+    svdd.save_value_net(net, args.out)
+    with torch.no_grad():
+        mse = (net(*data[:3]) - data[3]).pow(2).mean().item()
+    print(
+        f"value net on {len(data[3])} states: train MSE {mse:.4g} (reward variance {data[3].var().item():.4g}); wrote {args.out}"
+    )
     return 0
 
 
@@ -66,7 +180,6 @@ def resolve_train_config(config_path: str | None, overrides: list[str], resume: 
     config.yaml), the overrides, and ``run.resume_from`` when resuming."""
     from diffrl.checkpoints import resolve_resume
     from diffrl.config import load_config
-    from diffrl.errors import ConfigError
 
     overrides = list(overrides)
     if config_path is not None and "=" in config_path:  # only overrides were given
@@ -142,17 +255,46 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="also write the results here")
     ev.set_defaults(func=_eval)
 
-    sample = sub.add_parser("sample", help="sample images with the DDIM policy and optionally score them")
-    sample.add_argument("model", help="built-in name (tiny-sd), local diffusers folder or hub id")
-    sample.add_argument("--prompt", default="a red circle")
-    sample.add_argument("--num-images", type=int, default=8)
+    sample = sub.add_parser(
+        "sample",
+        help="sample images, plain or steered toward a reward (SVDD, best-of-N, SMC), and score them",
+        description="Defaults follow the SVDD paper: M=20 candidates, alpha=0 (argmax), 50 DDIM steps, eta 1, guidance 7.5.",
+    )
+    sample.add_argument(
+        "model", metavar="PIPELINE_OR_RUN", help="built-in name, diffusers folder, hub id or run folder"
+    )
+    sample.add_argument("--prompts", default="toy_heldout_single", help="prompt set name or text file")
+    sample.add_argument("--prompt", action="append", help="a prompt (repeatable; replaces --prompts)")
+    sample.add_argument("--num-images", type=int, default=None, help="default: one per prompt")
+    sample.add_argument("--guidance", choices=GUIDANCE, default="none")
+    sample.add_argument("--reward", default=None, help="reward name or package.module:function")
+    sample.add_argument("--value-net", default=None, help="SVDD-MC value network (diffrl train-value)")
+    sample.add_argument(
+        "--M", type=int, default=20, help="candidates (SVDD), particles (SMC) or N (best-of-N)"
+    )
+    sample.add_argument("--alpha", type=float, default=0.0, help="temperature; 0 = argmax (SMC: default 0.1)")
+    sample.add_argument(
+        "--resample-fraction", type=float, default=0.0, help="SVDD-R: worst fraction replaced"
+    )
     sample.add_argument("--num-steps", type=int, default=50)
-    sample.add_argument("--guidance-scale", type=float, default=5.0)
+    sample.add_argument("--guidance-scale", type=float, default=7.5)
     sample.add_argument("--eta", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--reward", default=None, help="reward name or package.module:function")
-    sample.add_argument("--out", default="samples.png")
+    sample.add_argument("--out", default="samples", help="output folder")
     sample.set_defaults(func=_sample)
+
+    value = sub.add_parser("train-value", help="fit SVDD-MC's value network on rollouts of a pipeline")
+    value.add_argument("model", metavar="PIPELINE_OR_RUN")
+    value.add_argument("--prompts", required=True)
+    value.add_argument("--reward", required=True)
+    value.add_argument("--num-rollouts", type=int, default=512)
+    value.add_argument("--batch-size", type=int, default=32)
+    value.add_argument("--num-steps", type=int, default=50)
+    value.add_argument("--guidance-scale", type=float, default=7.5)
+    value.add_argument("--epochs", type=int, default=20)
+    value.add_argument("--seed", type=int, default=0)
+    value.add_argument("--out", default="value.safetensors")
+    value.set_defaults(func=_train_value)
     return parser
 
 

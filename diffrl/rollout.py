@@ -72,7 +72,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-def _initial_noise(pipe, batch: int, height, width, generator, latents) -> torch.Tensor:
+def initial_noise(pipe, batch: int, height, width, generator, latents) -> torch.Tensor:
     """x_T ``[B, C, h, w]`` float32: the given ``latents`` or fresh noise, times the scheduler's
     initial sigma. ``height``/``width`` default to the UNet's native size."""
     device = pipe._execution_device
@@ -191,7 +191,7 @@ def sample_branches(
         )
     guided = guidance_scale > 1.0
     prompt_embeds, negative_embeds = encode_prompts(pipe, prompts, negative_prompt, guided)
-    x = _initial_noise(pipe, len(prompts), height, width, generator, latents)
+    x = initial_noise(pipe, len(prompts), height, width, generator, latents)
     pipe.scheduler.set_timesteps(num_steps, device=pipe._execution_device)
     timesteps = pipe.scheduler.timesteps
     args = (guidance_scale, eta, generator)

@@ -11,7 +11,12 @@ interleaved (A, B, A, B, ...) in one process; medians over repeats:
   (c) branch sampling (B²-DiffuRL): images/s of ``sample_branches`` (batch/K trunks, K branches
       from the middle step) against plain sampling of the same number of images.
 
-Target: (a), (b) <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--branches 4] [--repeats 5] [--json out.json]
+  (d) reward-guided sampling at equal UNet evaluations per image (M·T): plain sampling (T), best-of-N,
+      SMC, SVDD-PM and SVDD-MC on the shipped tiny model against ``shapes_alignment`` (held-out
+      prompts): mean reward, diversity, wall time.
+
+Target: (a), (b) <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--branches 4] [--repeats 5]
+[--M 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ import time
 import torch
 from accelerate import Accelerator
 
+from diffrl import rewards
 from diffrl.config import load_config
+from diffrl.evaluation import diversity
+from diffrl.guidance import svdd
 from diffrl.pipelines import load_pipeline
+from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_branches, sample_trajectories
 from diffrl.trainer import NonFiniteGuard, Streams, prepare_unet, stack_epoch, train_epoch
 
@@ -132,6 +141,53 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
     }
 
 
+def bench_guidance(m: int, steps: int = 4, seed: int = 0) -> list[dict]:
+    """Table (d): each guided sampler makes one image per prompt with about M·T UNet evaluations."""
+    pipe = load_pipeline("tiny")
+    reward_fn = rewards.get("shapes_alignment")
+    prompts = load_prompts("toy_heldout_single").prompts[::2]
+    train_prompts = load_prompts("toy_train_single").prompts
+    start = time.perf_counter()
+    data = svdd.value_targets(
+        pipe,
+        train_prompts * 3,
+        reward_fn,
+        num_steps=steps,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    net, value_seconds = svdd.train_value_net(data, epochs=20, seed=seed), time.perf_counter() - start
+    settings = dict(num_steps=steps, guidance_scale=5.0)
+    pm, mc = svdd.posterior_mean_value(reward_fn), svdd.value_net_value(net)
+    methods = {
+        "plain": lambda g: svdd.svdd(pipe, prompts, pm, num_candidates=1, generator=g, **settings),
+        f"best-of-{m}": lambda g: svdd.best_of_n(pipe, prompts, reward_fn, n=m, generator=g, **settings),
+        f"SMC ({m} particles, alpha 0.1)": lambda g: svdd.smc(
+            pipe, prompts, pm, num_particles=m, alpha=0.1, generator=g, **settings
+        ),
+        f"SVDD-PM (M={m})": lambda g: svdd.svdd(pipe, prompts, pm, num_candidates=m, generator=g, **settings),
+        f"SVDD-MC (M={m})": lambda g: svdd.svdd(pipe, prompts, mc, num_candidates=m, generator=g, **settings),
+    }
+    rows = []
+    for name, run in methods.items():
+        start = time.perf_counter()
+        out = run(torch.Generator().manual_seed(seed))
+        seconds = time.perf_counter() - start
+        values = reward_fn(out.images, prompts, [{} for _ in prompts])
+        rows.append(
+            {
+                "method": name,
+                "unet_per_image": out.unet_calls / len(prompts),
+                "reward_mean": values.mean().item(),
+                "reward_stderr": (values.std() / len(values) ** 0.5).item(),
+                "diversity": diversity(out.images),
+                "seconds": seconds,
+            }
+        )
+    rows.append({"method": "(SVDD-MC value net training)", "seconds": value_seconds})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -140,6 +196,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--branches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--M", type=int, default=8)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = bench(args.steps, args.batch, args.branches, args.repeats)
@@ -159,6 +216,20 @@ def main() -> None:
         f"{args.steps // 2}): {images / med['branch_sampling']:.1f} images/s vs plain {images / med['plain_sampling']:.1f} "
         f"images/s ({result['branch_speedup']:.2f}x)"
     )
+    result["guidance"] = bench_guidance(args.M)
+    print(
+        f"\nreward-guided sampling on the tiny model, {len(result['guidance']) - 1} methods, shapes_alignment"
+    )
+    print("| method | UNet evals / image | mean reward | diversity | wall (s) |")
+    print("|---|---|---|---|---|")
+    for row in result["guidance"]:
+        if "reward_mean" in row:
+            print(
+                f"| {row['method']} | {row['unet_per_image']:.0f} | {row['reward_mean']:.3f} ± {row['reward_stderr']:.3f} "
+                f"| {row['diversity']:.3f} | {row['seconds']:.1f} |"
+            )
+        else:
+            print(f"| {row['method']} | | | | {row['seconds']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -83,7 +83,6 @@ def ddim_step_with_logprob(
         alphas_cumprod[prev_t.clamp(min=0)],
         torch.as_tensor(float(scheduler.final_alpha_cumprod), device=sample.device),
     ).view(-1, *([1] * (ndim - 1)))
-    beta_prod_t = 1 - alpha_prod_t
 
     # 3. sigma_t(eta) (Eq. 16)
     variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
@@ -111,17 +110,7 @@ def ddim_step_with_logprob(
         return StepOutput(prev_sample=prev.detach(), log_prob=log_prob, mean=mean, std=std)
 
     # 4. predicted x_0 and epsilon from the model output (Eq. 12, "predicted x_0")
-    if config.prediction_type == "epsilon":
-        pred_x0 = (sample - beta_prod_t.sqrt() * noise_pred) / alpha_prod_t.sqrt()
-        pred_eps = noise_pred
-    elif config.prediction_type == "sample":
-        pred_x0 = noise_pred
-        pred_eps = (sample - alpha_prod_t.sqrt() * pred_x0) / beta_prod_t.sqrt()
-    elif config.prediction_type == "v_prediction":
-        pred_x0 = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * noise_pred
-        pred_eps = alpha_prod_t.sqrt() * noise_pred + beta_prod_t.sqrt() * sample
-    else:
-        raise ValueError(f"unsupported scheduler prediction_type {config.prediction_type!r}")
+    pred_x0, pred_eps = _x0_and_eps(config.prediction_type, sample, noise_pred, alpha_prod_t)
 
     # 5. clip or threshold x_0 as the scheduler is configured to
     if config.thresholding:
@@ -142,6 +131,35 @@ def ddim_step_with_logprob(
     # 8. log pi(x_{t-1} | x_t), element mean
     log_prob = gaussian_logprob(prev_sample, mean, std) if with_logprob else None
     return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+
+
+def _x0_and_eps(
+    prediction_type: str, sample, model_output, alpha_prod_t
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂_0, ε̂) implied by the model output at a state with cumulative alpha ``alpha_prod_t``
+    (DDIM Eq. 12's "predicted x_0"; Tweedie's estimate E[x_0 | x_t] for an epsilon model)."""
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        return (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt(), model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha_prod_t.sqrt() * model_output) / beta_prod_t.sqrt()
+    if prediction_type == "v_prediction":
+        return (
+            alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output,
+            alpha_prod_t.sqrt() * model_output + beta_prod_t.sqrt() * sample,
+        )
+    raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+
+
+def predicted_x0(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """The posterior-mean (Tweedie) estimate x̂_0(x_t) from the model output at ``timestep``
+    (an int or ``[B]``); ``[B, C, h, w]`` -> ``[B, C, h, w]`` float32, unclipped."""
+    t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1).expand(sample.shape[0])
+    alphas_cumprod = scheduler.alphas_cumprod.to(sample.device, torch.float32)
+    alpha_prod_t = _per_sample(alphas_cumprod, t, sample.ndim)
+    return _x0_and_eps(scheduler.config.prediction_type, sample.float(), model_output.float(), alpha_prod_t)[
+        0
+    ]
 
 
 def affine_coefficients(

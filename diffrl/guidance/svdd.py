@@ -1,0 +1,431 @@
+"""Soft value-based decoding (SVDD; Li, Uehara et al., "Derivative-Free Guidance in Continuous
+and Discrete Diffusion Models with Soft Value-Based Decoding", 2024) and its baselines.
+
+SVDD samples from the reward-tilted distribution p^(α)(x_0) ∝ p_pre(x_0)·exp(r(x_0)/α) (Eq. 1)
+with the pretrained model unchanged and no reward gradients, so r may be a JPEG size, a verifier
+or a remote scorer. The soft value v_{t-1}(x) = α·log E_pre[exp(r(x_0)/α) | x_{t-1} = x] (Eq. 4)
+turns the tilted chain into a per-step choice (Alg. 1): for each particle, draw M candidates
+x_{t-1}^(m) ~ p_pre(· | x_t), weight them by softmax(v̂(x_{t-1}^(m))/α) and keep one by sampling
+(α = 0: the argmax, the released code's default). Values are only ever compared inside a softmax
+over v/α (max-subtracted), never exponentiated raw, so rewards in the thousands stay finite.
+
+Value estimates (Sec. 4.2):
+  * **SVDD-PM** (:func:`posterior_mean_value`): v̂(x_{t-1}) = r(decode(x̂_0(x_{t-1}))), the reward of
+    the Tweedie estimate from the candidate's own noise prediction at t-1. That prediction is
+    exactly what the chosen candidate needs for its next step, so it is reused, not recomputed:
+    one UNet evaluation per candidate, P + P·M·(T−1) per P images (the released code makes
+    (M+1)·T). The last step has no selection (its one child is the image).
+  * **SVDD-MC** (:func:`value_net_value`): a small network v(x_t, t, prompt) regressed on rollouts
+    of the pretrained model (Eq. 6 with α → 0: plain regression of r(x_0) on the states;
+    :func:`train_value_net`, ``diffrl train-value``).
+  * **SVDD-R**: after each step the worst ``resample_fraction`` of a prompt's particles are
+    replaced by copies drawn ∝ exp(v̂/α) among that prompt's particles.
+
+Baselines at matched UNet evaluations: :func:`best_of_n` (N = M independent chains per image, keep
+the best final reward) and :func:`smc` (N = M particles per image, incremental weights
+exp(v̂_{t-1}/α)/exp(v̂_t/α), resampling every step within the image's particles).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import LCMScheduler
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from diffrl.errors import InputFileError
+from diffrl.policies.ddim import ddim_step_with_logprob, predicted_x0
+from diffrl.policies.lcm import guidance_embedding, lcm_step_with_logprob
+from diffrl.rollout import (
+    decode_latents,
+    encode_prompts,
+    guided_noise_pred,
+    initial_noise,
+    sample_trajectories,
+)
+
+ValueFn = Callable[..., torch.Tensor]
+"""``value(pipe, latents [N, C, h, w], timestep, noise_pred [N, C, h, w], prompts [N], prompt_embeds [N, L, D]) -> [N]``."""
+
+
+@dataclass
+class GuidedSamples:
+    """What a guided sampler returns."""
+
+    images: torch.Tensor
+    """``[P, 3, H, W]`` float32 in [0, 1], one per prompt."""
+    latents: torch.Tensor
+    """The final latents ``[P, C, h, w]``."""
+    unet_calls: int
+    """Guided UNet evaluations made (one per sample and step; classifier-free guidance batches its
+    two branches into the same call and counts once)."""
+
+
+# ---------------------------------------------------------------------------- value estimates
+
+
+def posterior_mean_value(reward_fn) -> ValueFn:
+    """SVDD-PM: the reward of the decoded Tweedie estimate x̂_0 of each state."""
+
+    def value(pipe, latents, timestep, noise_pred, prompts, prompt_embeds):
+        x0 = predicted_x0(pipe.scheduler, noise_pred, timestep, latents)
+        images = decode_latents(pipe, x0)
+        return reward_fn(images, list(prompts), [{} for _ in prompts]).to(latents.device)
+
+    return value
+
+
+class ValueNet(nn.Module):
+    """v(x_t, t, prompt) for SVDD-MC: a small conv net on the latents plus a timestep channel,
+    with the mean-pooled prompt embedding added to its features; ``[B, C, h, w]`` -> ``[B]``.
+    The head predicts the standardized reward; ``shift``/``scale`` (the training targets' mean and
+    std) map it back to reward units."""
+
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        text_dim: int = 768,
+        width: int = 64,
+        shift: float = 0.0,
+        scale: float = 1.0,
+    ):
+        super().__init__()
+        self.config = {
+            "latent_channels": latent_channels,
+            "text_dim": text_dim,
+            "width": width,
+            "shift": shift,
+            "scale": scale,
+        }
+        self.features = nn.Sequential(
+            nn.Conv2d(latent_channels + 1, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.text = nn.Linear(text_dim, width)
+        self.head = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """latents ``[B, C, h, w]``, timesteps ``[B]`` (0..1000), text ``[B, D]`` -> values ``[B]``."""
+        b, _, h, w = latents.shape
+        t = (timesteps.float() / 1000).view(-1, 1, 1, 1).expand(b, 1, h, w)
+        features = self.features(torch.cat([latents.float(), t.to(latents.device)], dim=1))
+        standardized = self.head(features + self.text(text.float())).squeeze(-1)
+        return standardized * self.config["scale"] + self.config["shift"]
+
+
+def save_value_net(net: ValueNet, path: str | Path) -> None:
+    """Weights as safetensors, the architecture in its metadata."""
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(path), metadata={"diffrl_value_net": json.dumps(net.config)})
+
+
+def load_value_net(path: str | Path) -> ValueNet:
+    """A :class:`ValueNet` saved by :func:`save_value_net` (safetensors only)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise InputFileError(f"{path}: no such value-net file (make one with diffrl train-value)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("diffrl_value_net")
+    except SafetensorError as err:
+        raise InputFileError(f"{path}: not a safetensors file ({err})") from err
+    if meta is None:
+        raise InputFileError(f"{path}: not a diffrl value net (no diffrl_value_net metadata)")
+    net = ValueNet(**json.loads(meta))
+    net.load_state_dict(load_file(str(path)))
+    return net.eval()
+
+
+def value_net_value(net: ValueNet) -> ValueFn:
+    """SVDD-MC: the learned value of each state."""
+
+    def value(pipe, latents, timestep, noise_pred, prompts, prompt_embeds):
+        t = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
+        return net(latents, t, prompt_embeds.float().mean(dim=1)).float()
+
+    return value
+
+
+@torch.no_grad()
+def value_targets(pipe, prompts: list[str], reward_fn, *, num_steps: int, guidance_scale: float, generator):
+    """Rollouts of the pretrained model as regression data: every intermediate state x_{t_j}
+    (j = 1..T-1) labelled with its chain's final reward. Returns (latents ``[N(T-1), C, h, w]``,
+    timesteps ``[N(T-1)]``, pooled text ``[N(T-1), D]``, rewards ``[N(T-1)]``)."""
+    traj = sample_trajectories(
+        pipe, prompts, num_steps=num_steps, guidance_scale=guidance_scale, eta=1.0, generator=generator
+    )
+    r = reward_fn(traj.images, prompts, [{} for _ in prompts]).float()
+    n, steps = len(prompts), num_steps - 1
+    latents = traj.latents[:, 1:num_steps].reshape(n * steps, *traj.latents.shape[2:])
+    timesteps = traj.timesteps[1:].repeat(n)
+    text = traj.prompt_embeds.float().mean(dim=1).repeat_interleave(steps, dim=0)
+    return latents, timesteps, text, r.repeat_interleave(steps)
+
+
+def train_value_net(
+    data, *, epochs: int = 200, lr: float = 1e-3, batch_size: int = 256, seed: int = 0
+) -> ValueNet:
+    """Fit a :class:`ValueNet` by least squares on :func:`value_targets` data (SVDD Eq. 6, α → 0)."""
+    latents, timesteps, text, rewards = data
+    torch.manual_seed(seed)
+    std = rewards.std().item()
+    net = ValueNet(
+        latents.shape[1], text.shape[1], shift=rewards.mean().item(), scale=std if std > 0 else 1.0
+    )
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(rewards), generator=generator).split(batch_size):
+            error = (net(latents[idx], timesteps[idx], text[idx]) - rewards[idx]) / net.config["scale"]
+            loss = error.pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def select_candidates(values: torch.Tensor, alpha: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One candidate per row of ``values [P, M]``: argmax when ``alpha == 0``, else a draw from
+    softmax(values/α) (max-subtracted, so finite for any finite values). Returns ``[P]`` long."""
+    if alpha == 0:
+        return values.argmax(dim=1)
+    weights = torch.softmax(values.float().cpu() / alpha, dim=1)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(values.device)
+
+
+def resample_worst(
+    values: torch.Tensor, prompts: list[str], fraction: float, alpha: float, generator
+) -> torch.Tensor:
+    """SVDD-R: within each prompt's particles, the worst ⌈fraction·n⌉ take copies of particles
+    drawn ∝ exp(v/α) (the best when α = 0). ``values [P]`` -> source index ``[P]`` long."""
+    source = torch.arange(len(prompts))
+    for prompt in dict.fromkeys(prompts):
+        members = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        count = math.ceil(fraction * len(members)) if len(members) > 1 else 0
+        if count == 0:
+            continue
+        worst = members[values[members].argsort()[:count]]
+        picks = select_candidates(values[members].reshape(1, -1).expand(count, -1), alpha, generator)
+        source[worst] = members[picks.cpu()]
+    return source
+
+
+# ---------------------------------------------------------------------------- samplers
+
+
+@dataclass
+class Transition:
+    """The pretrained model's stochastic transition p_pre(x_t' | x_t) for a pipeline: the DDIM
+    step (eta, classifier-free guidance) for Stable Diffusion, the consistency step (guidance
+    embedding, no doubling) for a latent consistency model (:mod:`diffrl.policies.lcm`)."""
+
+    pipe: object
+    guidance_scale: float
+    eta: float
+
+    @property
+    def is_lcm(self) -> bool:
+        return isinstance(self.pipe.scheduler, LCMScheduler)
+
+    def encode(self, prompts: list[str], negative_prompt: str):
+        """Prompt embeddings ``[B, L, D]`` and the negative ones (None without CFG)."""
+        guided = self.guidance_scale > 1.0 and not self.is_lcm
+        return encode_prompts(self.pipe, prompts, negative_prompt, guided)
+
+    def noise_pred(self, x, t, embeds, negative) -> torch.Tensor:
+        """ε̂(x_t, t) ``[B, C, h, w]`` float32, guided as the pipeline is."""
+        if self.is_lcm:
+            cond = guidance_embedding(self.pipe, self.guidance_scale, x.shape[0])
+            return guided_noise_pred(self.pipe.unet, x, t, embeds, None, 1.0, timestep_cond=cond)
+        model_input = self.pipe.scheduler.scale_model_input(x, t)
+        return guided_noise_pred(self.pipe.unet, model_input, t, embeds, negative, self.guidance_scale)
+
+    def step(self, eps, t, x, generator) -> torch.Tensor:
+        """A draw of x_t' given x_t and its ε̂ (on the last step: the final latents)."""
+        if self.is_lcm:
+            return lcm_step_with_logprob(self.pipe.scheduler, eps, t, x, generator=generator).prev_sample
+        scheduler = self.pipe.scheduler
+        return ddim_step_with_logprob(
+            scheduler, eps, t, x, eta=self.eta, generator=generator, with_logprob=False
+        ).prev_sample
+
+    def start(self, prompts, num_steps, generator, height, width, negative_prompt):
+        """Embeddings, x_T, the schedule and the first noise prediction (the only one not made for a candidate)."""
+        embeds, negative = self.encode(prompts, negative_prompt)
+        x = initial_noise(self.pipe, len(prompts), height, width, generator, None)
+        self.pipe.scheduler.set_timesteps(num_steps, device=self.pipe._execution_device)
+        timesteps = self.pipe.scheduler.timesteps
+        return embeds, negative, x, timesteps, self.noise_pred(x, timesteps[0], embeds, negative)
+
+
+def _repeat(tensor, times):
+    return None if tensor is None else tensor.repeat_interleave(times, dim=0)
+
+
+@torch.no_grad()
+def svdd(
+    pipe,
+    prompts: list[str],
+    value: ValueFn,
+    *,
+    num_candidates: int = 20,
+    alpha: float = 0.0,
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    resample_fraction: float = 0.0,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str = "",
+) -> GuidedSamples:
+    """SVDD (Alg. 1): one image per prompt, M = ``num_candidates`` candidates per step chosen by
+    ``value`` (:func:`posterior_mean_value` or :func:`value_net_value`; unused, and may be None,
+    when M = 1). The transition is the pipeline's: DDIM for SD, the consistency step for an LCM.
+
+    With M = 1 this is plain sampling, draw for draw. Costs P + P·M·(T−1) UNet evaluations.
+    Returns :class:`GuidedSamples`.
+    """
+    m = num_candidates
+    if m < 1 or alpha < 0 or not 0 <= resample_fraction < 1:
+        raise ValueError(
+            f"need num_candidates >= 1, alpha >= 0, resample_fraction in [0, 1); got {m}, {alpha}, {resample_fraction}"
+        )
+    transition = Transition(pipe, guidance_scale, eta)
+    if m > 1 and eta <= 0 and not transition.is_lcm:
+        raise ValueError("SVDD needs eta > 0: with a deterministic step all candidates are the same")
+    embeds, negative, x, timesteps, eps = transition.start(
+        prompts, num_steps, generator, height, width, negative_prompt
+    )
+    p, calls = len(prompts), len(prompts)
+    embeds_m, negative_m, prompts_m = (
+        _repeat(embeds, m),
+        _repeat(negative, m),
+        [q for q in prompts for _ in range(m)],
+    )
+    rows = torch.arange(p, device=x.device)
+    for i, t in enumerate(timesteps):
+        if i == len(timesteps) - 1:  # the last step: its one child is the image
+            x = transition.step(eps, t, x, generator)
+            break
+        # [P*M]: candidate k of particle j at row j*M + k
+        candidates = transition.step(_repeat(eps, m), t, _repeat(x, m), generator)
+        t_next = timesteps[i + 1]
+        candidate_eps = transition.noise_pred(candidates, t_next, embeds_m, negative_m)
+        calls += p * m
+        if m == 1:
+            x, eps = candidates, candidate_eps
+            continue
+        values = value(pipe, candidates, t_next, candidate_eps, prompts_m, embeds_m).float().view(p, m)
+        chosen = rows * m + select_candidates(values, alpha, generator)
+        x, eps = candidates[chosen], candidate_eps[chosen]
+        if resample_fraction > 0:
+            source = resample_worst(values.flatten()[chosen], prompts, resample_fraction, alpha, generator)
+            x, eps = x[source.to(x.device)], eps[source.to(x.device)]
+    return GuidedSamples(images=decode_latents(pipe, x), latents=x, unet_calls=calls)
+
+
+@torch.no_grad()
+def smc(
+    pipe,
+    prompts: list[str],
+    value: ValueFn,
+    *,
+    num_particles: int = 20,
+    alpha: float = 0.1,
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str = "",
+) -> GuidedSamples:
+    """Sequential Monte Carlo with the pretrained model as proposal (the SVDD paper's SMC
+    baseline): N particles per prompt, incremental weights exp((v̂_{t-1} − v̂_t)/α), multinomial
+    resampling among a prompt's particles at every step; the returned image is one particle drawn
+    uniformly from the final (equally weighted) set. Costs P·N·T UNet evaluations."""
+    n = num_particles
+    if alpha <= 0 or n < 1:
+        raise ValueError(
+            f"SMC needs alpha > 0 (weights exp(v/alpha)) and num_particles >= 1; got {alpha}, {n}"
+        )
+    prompts_n = [q for q in prompts for _ in range(n)]
+    transition = Transition(pipe, guidance_scale, eta)
+    embeds, negative, x, timesteps, eps = transition.start(
+        prompts_n, num_steps, generator, height, width, negative_prompt
+    )
+    p, calls = len(prompts), len(prompts_n)
+    previous = torch.zeros(p * n, device=x.device)
+    offsets = (torch.arange(p) * n).view(-1, 1)
+    for i, t in enumerate(timesteps):
+        x = transition.step(eps, t, x, generator)
+        if i == len(timesteps) - 1:
+            break
+        t_next = timesteps[i + 1]
+        eps = transition.noise_pred(x, t_next, embeds, negative)
+        calls += p * n
+        values = value(pipe, x, t_next, eps, prompts_n, embeds).float()
+        log_weights = ((values - previous) / alpha).cpu().view(p, n)
+        ancestors = (
+            torch.multinomial(torch.softmax(log_weights, dim=1), n, replacement=True, generator=generator)
+            + offsets
+        ).flatten()
+        ancestors = ancestors.to(x.device)
+        x, eps, previous = x[ancestors], eps[ancestors], values[ancestors]
+    pick = (torch.randint(n, (p,), generator=generator) + offsets.flatten()).to(x.device)
+    return GuidedSamples(images=decode_latents(pipe, x[pick]), latents=x[pick], unet_calls=calls)
+
+
+@torch.no_grad()
+def best_of_n(
+    pipe,
+    prompts: list[str],
+    reward_fn,
+    *,
+    n: int = 20,
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str = "",
+) -> GuidedSamples:
+    """N independent chains per prompt, keep the one whose final image scores highest. Costs
+    P·N·T UNet evaluations (SVDD-PM with M = N costs about the same)."""
+    prompts_n = [q for q in prompts for _ in range(n)]
+    chains = svdd(
+        pipe,
+        prompts_n,
+        None,
+        num_candidates=1,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        generator=generator,
+        height=height,
+        width=width,
+        negative_prompt=negative_prompt,
+    )
+    scores = reward_fn(chains.images, prompts_n, [{} for _ in prompts_n]).view(len(prompts), n)
+    pick = torch.arange(len(prompts)) * n + scores.argmax(dim=1).cpu()
+    return GuidedSamples(
+        images=chains.images[pick], latents=chains.latents[pick], unet_calls=chains.unet_calls
+    )
