@@ -45,21 +45,16 @@ def _sample(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.guidance == "none":  # plain sampling: SVDD with one candidate (DDIM or LCM policy)
         out = svdd.svdd(pipe, prompts, None, num_candidates=1, **settings)
-    elif args.guidance == "svdd-pm":
-        out = svdd.svdd(
-            pipe,
-            prompts,
-            svdd.posterior_mean_value(reward_fn),
-            num_candidates=args.M,
-            alpha=args.alpha,
-            resample_fraction=args.resample_fraction,
-            **settings,
+    elif args.guidance in ("svdd-pm", "svdd-mc"):
+        value = (
+            svdd.posterior_mean_value(reward_fn)
+            if args.guidance == "svdd-pm"
+            else svdd.value_net_value(value_net)
         )
-    elif args.guidance == "svdd-mc":
         out = svdd.svdd(
             pipe,
             prompts,
-            svdd.value_net_value(value_net),
+            value,
             num_candidates=args.M,
             alpha=args.alpha,
             resample_fraction=args.resample_fraction,
