@@ -149,8 +149,9 @@ TRAIN_HELP = """\
 Fine-tune a diffusion model with RL as described by a YAML config.
 
 CONFIG is a YAML file with the sections model, sample, train, stat_tracking, reward, prompts and
-run (see configs/ for complete examples; every key has a default). Any key can be overridden
-after the file as section.key=value, the value parsed as YAML:
+run, and b2diffurl for algorithm: b2diffurl (see configs/ for complete examples; every key has a
+default). Any key can be overridden after the file as section.key=value, the value parsed as YAML
+1.2 (so "no" stays a string):
 
   diffrl train configs/ddpo/tiny_compressibility.yaml train.learning_rate=1e-4 run.num_epochs=10
   diffrl train configs/ddpo/sd15_aesthetic.yaml "prompts.source=[a cat, a dog]"
@@ -159,6 +160,8 @@ Unknown keys, wrong types and out-of-range values are reported before any model 
 The run folder (run.output_dir/run.name) receives config.yaml, metrics.jsonl, samples/,
 reward_curve.png, checkpoints/ and lora/. --resume RUN_DIR_OR_CHECKPOINT continues a run at the
 epoch after its newest complete checkpoint (with the run's own config.yaml when CONFIG is omitted).
+Ctrl-C or SIGTERM finishes the current epoch, saves a checkpoint and exits (a second one stops at
+once). Errors and faults: docs/errors.md.
 Multi-process: accelerate launch scripts/train.py CONFIG [key=value ...]
 """
 
