@@ -150,8 +150,9 @@ Fine-tune a diffusion model with RL as described by a YAML config.
 
 CONFIG is a YAML file with the sections model, sample, train, stat_tracking, reward, prompts and
 run, and b2diffurl for algorithm: b2diffurl (see configs/ for complete examples; every key has a
-default). Any key can be overridden after the file as section.key=value, the value parsed as YAML
-1.2 (so "no" stays a string):
+default; algorithm: rlcm, for a latent consistency model, fills unset keys with RLCM's defaults).
+Any key can be overridden after the file as section.key=value, the value parsed as YAML 1.2 (so
+"no" stays a string):
 
   diffrl train configs/ddpo/tiny_compressibility.yaml train.learning_rate=1e-4 run.num_epochs=10
   diffrl train configs/ddpo/sd15_aesthetic.yaml "prompts.source=[a cat, a dog]"

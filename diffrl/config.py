@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from diffrl.algorithms import rlcm
 from diffrl.algorithms.b2diffurl import B2DiffuRLConfig
 from diffrl.errors import ConfigError
 
@@ -95,9 +96,9 @@ class TrainConfig:
     """PPO ratio clip epsilon; assumes element-mean log-probs (DESIGN.md)."""
     max_nonfinite_steps: int = 5
     """Optimizer steps skipped for a non-finite loss or gradient in a row before the run stops."""
-    ratio_tolerance: float = 1e-3
-    """Largest |log ratio| allowed when the unchanged policy re-scores its stored actions (checked
-    before each epoch's first update; 0 turns the check off)."""
+    ratio_tolerance: float = 1e-2
+    """Largest mean |log ratio| allowed when the unchanged policy re-scores its stored actions
+    (checked on each epoch's first minibatch before any update; 0 turns the check off)."""
 
 
 @dataclass
@@ -153,8 +154,11 @@ class RunConfig:
 
 @dataclass
 class Config:
-    algorithm: Literal["ddpo", "b2diffurl"] = "ddpo"
-    """Training algorithm: DDPO, or B²-DiffuRL (DDPO's loss on branch-sampled, progressively longer suffixes)."""
+    algorithm: Literal["ddpo", "b2diffurl", "rlcm"] = "ddpo"
+    """Training algorithm: DDPO, B²-DiffuRL (DDPO's loss on branch-sampled, progressively longer
+    suffixes), or RLCM (DDPO's loss on a latent consistency model's sampler; unset keys take
+    RLCM's defaults: sample.num_steps 8, guidance_scale 8, lr 1e-4, clip_range 1e-4,
+    adv_clip_max 10, max_grad_norm 5, LoRA 8/8)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -329,7 +333,7 @@ def validate(config: Config) -> Config:
     ]:
         _require(value > 0, key, f"must be > 0, got {value}")
     _require(
-        s.eta > 0,
+        s.eta > 0 or config.algorithm == "rlcm",
         "sample.eta",
         f"must be > 0 for {config.algorithm}, which trains on step log-probabilities; eta={s.eta} makes "
         "the DDIM step deterministic (no density)",
@@ -367,10 +371,16 @@ def validate(config: Config) -> Config:
     _require(
         s.num_steps <= 1000, "sample.num_steps", f"must be <= 1000 (training timesteps), got {s.num_steps}"
     )
+    actions = s.num_steps - 1 if config.algorithm == "rlcm" else s.num_steps
     _require(
-        int(s.num_steps * t.timestep_fraction) >= 1,
+        config.algorithm != "rlcm" or s.num_steps >= 2,
+        "sample.num_steps",
+        f"RLCM needs H >= 2 consistency steps (H - 1 of them are trained actions), got {s.num_steps}",
+    )
+    _require(
+        int(actions * t.timestep_fraction) >= 1,
         "train.timestep_fraction",
-        f"trains int({s.num_steps} * {t.timestep_fraction}) = 0 timesteps",
+        f"trains int({actions} * {t.timestep_fraction}) = 0 timesteps",
     )
     if config.algorithm == "b2diffurl":
         _validate_b2diffurl(config)
@@ -433,7 +443,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(
                 f"config file {path}: expected a mapping of sections, got {type(data).__name__}"
             )
-    return validate(_build(Config, apply_overrides(data, list(overrides)), ""))
+    data = apply_overrides(data, list(overrides))
+    if data.get("algorithm") == "rlcm":
+        data = _with_defaults(data, rlcm.DEFAULTS)
+    return validate(_build(Config, data, ""))
+
+
+def _with_defaults(data: dict, defaults: dict[str, dict]) -> dict:
+    """``data`` with ``defaults`` (section -> key -> value) filled in where a key is unset."""
+    merged = dict(data)
+    for section, values in defaults.items():
+        given = merged.get(section)
+        if given is None:
+            given = {}
+        if isinstance(given, dict):  # a non-mapping section is reported by _build
+            merged[section] = {**values, **given}
+    return merged
 
 
 def to_dict(config: Config) -> dict:

@@ -23,14 +23,15 @@ from diffrl.errors import PipelineNotFoundError
 
 BUILTIN_PIPELINES: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sd": testing.tiny_sd_pipeline,
-    "tiny-lcm": testing.tiny_lcm_pipeline,
+    "tiny-lcm-random": testing.tiny_lcm_pipeline,
 }
 """Names that :func:`load_pipeline` resolves without any file: randomly initialised tiny models."""
 
 ASSETS = Path(__file__).parent / "assets"
-SHIPPED_PIPELINES = {"tiny": ASSETS / "tiny"}
+SHIPPED_PIPELINES = {"tiny": ASSETS / "tiny", "tiny-lcm": ASSETS / "tiny-lcm"}
 """Pretrained pipelines shipped inside the package (diffusers folders, loaded with from_pretrained).
-``tiny``: a ~2M-parameter text-to-image model of the toy world (scripts/pretrain_tiny.py)."""
+``tiny``: a ~2M-parameter text-to-image model of the toy world (scripts/pretrain_tiny.py);
+``tiny-lcm``: its latent consistency distillation (scripts/distill_tiny_lcm.py)."""
 
 
 def _read_model_index(name_or_path: str, revision: str | None, local_files_only: bool) -> dict:
@@ -75,7 +76,7 @@ def inspect_pipeline(
     ``unet/config.json`` without loading weights, so that a missing model or an incompatible
     resolution is reported before anything heavy starts. Raises :class:`PipelineNotFoundError`."""
     if name_or_path in BUILTIN_PIPELINES:
-        return PipelineInfo(name_or_path == "tiny-lcm", 4, testing.TINY_RESOLUTION)
+        return PipelineInfo(name_or_path == "tiny-lcm-random", 4, testing.TINY_RESOLUTION)
     name_or_path = str(SHIPPED_PIPELINES.get(name_or_path, name_or_path))
     index = _read_model_index(name_or_path, revision, local_files_only)
     is_lcm = "LatentConsistency" in index.get("_class_name", "") or "LCM" in str(index.get("scheduler", ""))
@@ -108,8 +109,8 @@ def load_pipeline(
     """Load a pipeline ready for diffrl: SD with a ``DDIMScheduler``, or an LCM with its ``LCMScheduler``.
 
     Args:
-        name_or_path: a shipped model (``tiny``), a built-in random test model (``tiny-sd``,
-            ``tiny-lcm``), a local diffusers folder, or a
+        name_or_path: a shipped model (``tiny``, ``tiny-lcm``), a built-in random test model
+            (``tiny-sd``, ``tiny-lcm-random``), a local diffusers folder, or a
             hub id (``CompVis/stable-diffusion-v1-4``, ``SimianLuo/LCM_Dreamshaper_v7``).
         revision: hub revision; torch_dtype: weights dtype; device: where to move the pipeline.
         local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).

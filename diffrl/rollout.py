@@ -1,16 +1,22 @@
 """Rollouts: run the stochastic sampler on a diffusers pipeline and record the MDP trajectory.
 
-State s_t = (x_t, t, prompt), action a_t = x_{t-1}, policy = the DDIM Gaussian step
-(:func:`diffrl.policies.ddim.ddim_step_with_logprob`), reward = a score of the decoded image.
+State s_t = (x_t, t, prompt), action a_t = x_{t-1}, policy = the sampler's Gaussian step
+(:class:`Transition`: the DDIM step of :mod:`diffrl.policies.ddim` for Stable Diffusion, the
+consistency step of :mod:`diffrl.policies.lcm` for a latent consistency model), reward = a score of
+the decoded image. An LCM with H steps has T = H − 1 actions; its last step is deterministic.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from diffusers import LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.policies.ddim import ddim_step_with_logprob
-from diffrl.types import Trajectory
+from diffrl.policies.lcm import guidance_embedding, lcm_step_with_logprob
+from diffrl.types import StepOutput, Trajectory
 
 
 def encode_prompts(
@@ -90,21 +96,77 @@ def initial_noise(pipe, batch: int, height, width, generator, latents) -> torch.
     return latents.to(device, torch.float32) * pipe.scheduler.init_noise_sigma
 
 
-def _denoise(pipe, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale, eta, generator):
-    """Run the DDIM policy over ``timesteps`` from ``latents`` ``[B, C, h, w]``.
+@dataclass
+class Transition:
+    """The pipeline's stochastic sampler step as a policy π(x_t' | x_t): the DDIM step (``eta``,
+    classifier-free guidance) for Stable Diffusion, the consistency step (guidance embedding, no
+    doubling; :mod:`diffrl.policies.lcm`) for a latent consistency model."""
+
+    pipe: object
+    guidance_scale: float
+    eta: float
+
+    @property
+    def is_lcm(self) -> bool:
+        return isinstance(self.pipe.scheduler, LCMScheduler)
+
+    def encode(self, prompts: list[str], negative_prompt: str):
+        """Prompt embeddings ``[B, L, D]`` and the negative ones (None without CFG)."""
+        guided = self.guidance_scale > 1.0 and not self.is_lcm
+        return encode_prompts(self.pipe, prompts, negative_prompt, guided)
+
+    def noise_pred(self, x, t, embeds, negative, unet=None) -> torch.Tensor:
+        """ε̂(x_t, t) ``[B, C, h, w]`` float32 from ``unet`` (default the pipeline's), guided as the
+        pipeline is; ``t`` a scalar or ``[B]``."""
+        unet = unet if unet is not None else self.pipe.unet
+        if self.is_lcm:
+            cond = guidance_embedding(self.pipe, self.guidance_scale, x.shape[0])
+            return guided_noise_pred(unet, x, t, embeds, None, 1.0, timestep_cond=cond)
+        model_input = self.pipe.scheduler.scale_model_input(x, t)
+        return guided_noise_pred(unet, model_input, t, embeds, negative, self.guidance_scale)
+
+    def step(self, eps, t, x, generator=None, prev_sample=None) -> StepOutput:
+        """x_t' given x_t and its ε̂: a draw (or ``prev_sample`` scored) with its log-prob, which
+        is None for DDIM at eta = 0 and on an LCM's last (deterministic) step, whose
+        ``prev_sample`` is the final latents."""
+        scheduler = self.pipe.scheduler
+        if self.is_lcm:
+            return lcm_step_with_logprob(scheduler, eps, t, x, prev_sample=prev_sample, generator=generator)
+        return ddim_step_with_logprob(
+            scheduler,
+            eps,
+            t,
+            x,
+            eta=self.eta,
+            prev_sample=prev_sample,
+            generator=generator,
+            with_logprob=self.eta > 0,
+        )
+
+    def actions(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The timesteps whose steps are stochastic actions of the MDP: all of DDIM's; all but the
+        last of an LCM's H (its last step maps x_{τ_H} to the final latents deterministically)."""
+        return timesteps[:-1] if self.is_lcm else timesteps
+
+    def start(self, prompts, num_steps, generator, height, width, negative_prompt):
+        """Embeddings, x_T, the schedule and the first noise prediction (the only one not made for a candidate)."""
+        embeds, negative = self.encode(prompts, negative_prompt)
+        x = initial_noise(self.pipe, len(prompts), height, width, generator, None)
+        self.pipe.scheduler.set_timesteps(num_steps, device=self.pipe._execution_device)
+        timesteps = self.pipe.scheduler.timesteps
+        return embeds, negative, x, timesteps, self.noise_pred(x, timesteps[0], embeds, negative)
+
+
+def _denoise(transition: Transition, latents, timesteps, prompt_embeds, negative_embeds, generator):
+    """Run the policy over ``timesteps`` from ``latents`` ``[B, C, h, w]``.
 
     Returns (the states after each step, a list of ``len(timesteps)`` tensors ``[B, C, h, w]``;
-    their log-probs, a list of ``[B]``, or Nones when eta = 0).
+    their log-probs, a list of ``[B]``, or Nones when DDIM's eta = 0).
     """
     states, log_probs = [], []
     for t in timesteps:
-        model_input = pipe.scheduler.scale_model_input(latents, t)
-        noise_pred = guided_noise_pred(
-            pipe.unet, model_input, t, prompt_embeds, negative_embeds, guidance_scale
-        )
-        step = ddim_step_with_logprob(
-            pipe.scheduler, noise_pred, t, latents, eta=eta, generator=generator, with_logprob=eta > 0
-        )
+        noise_pred = transition.noise_pred(latents, t, prompt_embeds, negative_embeds)
+        step = transition.step(noise_pred, t, latents, generator=generator)
         latents = step.prev_sample
         states.append(latents)
         log_probs.append(step.log_prob)
@@ -128,11 +190,13 @@ def sample_trajectories(
     """Sample one denoising chain per prompt with log-probabilities (DDPO Alg. 1, sampling phase).
 
     Args:
-        pipe: a ``StableDiffusionPipeline``-like pipeline with a ``DDIMScheduler``.
+        pipe: a ``StableDiffusionPipeline``-like pipeline with a ``DDIMScheduler``, or a
+            ``LatentConsistencyModelPipeline`` with its ``LCMScheduler`` (RLCM's policy).
         prompts: B prompts.
-        num_steps: T, DDIM steps; eta: DDIM stochasticity (0 gives a deterministic chain
-            without log-probabilities).
-        guidance_scale: classifier-free guidance weight w (<= 1 disables guidance).
+        num_steps: DDIM steps T, or an LCM's H steps (T = H − 1 actions); eta: DDIM
+            stochasticity (0 gives a deterministic chain without log-probabilities; unused by an LCM).
+        guidance_scale: classifier-free guidance weight w (<= 1 disables guidance); for an LCM
+            the w whose embedding the UNet takes (no doubling).
         generator: RNG for the initial noise and every step's noise.
         height, width: image size in pixels (default: the UNet's native size).
         latents: optional initial noise x_T ``[B, C, h, w]`` (else drawn from ``generator``).
@@ -185,17 +249,19 @@ def sample_branches(
         i), with ``parents [B·K]`` = i; the shared prefix ``latents[:, :b+1]`` and its log-probs
         are copied into every branch.
     """
-    if not 0 <= branch_step <= num_steps or num_branches < 1:
-        raise ValueError(
-            f"branch_step must be in [0, {num_steps}] and num_branches >= 1, got {branch_step}, {num_branches}"
-        )
-    guided = guidance_scale > 1.0
-    prompt_embeds, negative_embeds = encode_prompts(pipe, prompts, negative_prompt, guided)
+    transition = Transition(pipe, guidance_scale, eta)
+    prompt_embeds, negative_embeds = transition.encode(prompts, negative_prompt)
     x = initial_noise(pipe, len(prompts), height, width, generator, latents)
     pipe.scheduler.set_timesteps(num_steps, device=pipe._execution_device)
     timesteps = pipe.scheduler.timesteps
-    args = (guidance_scale, eta, generator)
-    trunk, trunk_log_probs = _denoise(pipe, x, timesteps[:branch_step], prompt_embeds, negative_embeds, *args)
+    actions = transition.actions(timesteps)
+    if not 0 <= branch_step <= len(actions) or num_branches < 1:
+        raise ValueError(
+            f"branch_step must be in [0, {len(actions)}] and num_branches >= 1, got {branch_step}, {num_branches}"
+        )
+    trunk, trunk_log_probs = _denoise(
+        transition, x, actions[:branch_step], prompt_embeds, negative_embeds, generator
+    )
 
     def fan_out(tensor):
         return None if tensor is None else tensor.repeat_interleave(num_branches, dim=0)
@@ -203,17 +269,23 @@ def sample_branches(
     prompt_embeds, negative_embeds = fan_out(prompt_embeds), fan_out(negative_embeds)
     start = fan_out(trunk[-1] if trunk else x)
     branches, branch_log_probs = _denoise(
-        pipe, start, timesteps[branch_step:], prompt_embeds, negative_embeds, *args
+        transition, start, actions[branch_step:], prompt_embeds, negative_embeds, generator
     )
     states = [fan_out(s) for s in [x, *trunk]] + branches
     log_probs = [fan_out(lp) for lp in trunk_log_probs] + branch_log_probs
+    final = states[-1]
+    if transition.is_lcm:  # the deterministic last consistency step: f(x_{τ_H}) is the final latent
+        last = timesteps[-1]
+        final = transition.step(
+            transition.noise_pred(final, last, prompt_embeds, None), last, final
+        ).prev_sample
     return Trajectory(
         prompts=[p for p in prompts for _ in range(num_branches)],
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_embeds,
         latents=torch.stack(states, dim=1),
-        timesteps=timesteps.clone(),
-        log_probs=torch.stack(log_probs, dim=1) if eta > 0 else None,
-        images=decode_latents(pipe, states[-1]),
+        timesteps=actions.clone(),
+        log_probs=torch.stack(log_probs, dim=1) if log_probs and log_probs[0] is not None else None,
+        images=decode_latents(pipe, final),
         parents=None if num_branches == 1 else torch.arange(len(prompts)).repeat_interleave(num_branches),
     )

@@ -15,8 +15,13 @@ interleaved (A, B, A, B, ...) in one process; medians over repeats:
       SMC, SVDD-PM and SVDD-MC on the shipped tiny model against ``shapes_alignment`` (held-out
       prompts): mean reward, diversity, wall time.
 
+  (e) RLCM against DDPO: full training epochs (sampling, rewards, PPO updates) through
+      ``diffrl.trainer.train`` on the shipped tiny LCM (H consistency steps) and the tiny SD model it
+      was distilled from (T DDIM steps), same prompts, batch sizes and reward: seconds per epoch and
+      per 1,000 reward queries (medians over epochs after the first).
+
 Target: (a), (b) <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--branches 4] [--repeats 5]
-[--M 8] [--json out.json]
+[--M 8] [--lcm-steps 4] [--epochs 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -32,11 +39,14 @@ from accelerate import Accelerator
 from diffrl import rewards
 from diffrl.config import load_config
 from diffrl.evaluation import diversity
+from diffrl.files import read_jsonl
 from diffrl.guidance import svdd
 from diffrl.pipelines import load_pipeline
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_branches, sample_trajectories
-from diffrl.trainer import NonFiniteGuard, Streams, prepare_unet, stack_epoch, train_epoch
+from diffrl.trainer import NonFiniteGuard, Streams, prepare_unet, stack_epoch, train, train_epoch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _timed(fn) -> float:
@@ -188,6 +198,48 @@ def bench_guidance(m: int, steps: int = 4, seed: int = 0) -> list[dict]:
     return rows
 
 
+def bench_rlcm(ddpo_steps: int, lcm_steps: int, batch: int, epochs: int) -> list[dict]:
+    """Table (e): DDPO on ``tiny`` and RLCM on ``tiny-lcm``, same prompts, batches and reward."""
+    rows = []
+    for method, config_file, steps in [
+        ("DDPO", "configs/ddpo/tiny_alignment.yaml", ddpo_steps),
+        ("RLCM", "configs/rlcm/tiny_alignment.yaml", lcm_steps),
+    ]:
+        with tempfile.TemporaryDirectory() as out:
+            config = load_config(
+                ROOT / config_file,
+                [
+                    f"sample.num_steps={steps}",
+                    f"sample.batch_size={batch}",
+                    "sample.num_batches_per_epoch=1",
+                    f"train.batch_size={batch // 2}",
+                    "train.gradient_accumulation_steps=1",
+                    "prompts.source=toy_train_single",
+                    f"run.num_epochs={epochs}",
+                    "run.save_freq=1000",
+                    f"run.output_dir={out}",
+                    "run.name=bench",
+                ],
+            )
+            train(config)
+            records = read_jsonl(Path(out) / "bench" / "metrics.jsonl")[1:]  # the first epoch warms up
+        epoch_seconds = statistics.median(
+            r["time_sampling"] + r["time_reward"] + r["time_training"] for r in records
+        )
+        rows.append(
+            {
+                "method": method,
+                "model": config.model.pretrained,
+                "steps": steps,
+                "trained_steps": steps - 1 if method == "RLCM" else steps,
+                "epoch_seconds": epoch_seconds,
+                "sampling_seconds": statistics.median(r["time_sampling"] for r in records),
+                "seconds_per_1000_queries": epoch_seconds / batch * 1000,
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -197,6 +249,8 @@ def main() -> None:
     parser.add_argument("--branches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--M", type=int, default=8)
+    parser.add_argument("--lcm-steps", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = bench(args.steps, args.batch, args.branches, args.repeats)
@@ -230,6 +284,19 @@ def main() -> None:
             )
         else:
             print(f"| {row['method']} | | | | {row['seconds']:.1f} |")
+    result["rlcm"] = bench_rlcm(args.steps, args.lcm_steps, args.batch * 4, args.epochs)
+    print(
+        f"\nRLCM vs DDPO, full epochs of {args.batch * 4} images (shapes_alignment), median over {args.epochs - 1} epochs"
+    )
+    print(
+        "| method | model | sampler steps (trained) | s / epoch | sampling s / epoch | s / 1,000 reward queries |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in result["rlcm"]:
+        print(
+            f"| {row['method']} | {row['model']} | {row['steps']} ({row['trained_steps']}) | {row['epoch_seconds']:.2f} "
+            f"| {row['sampling_seconds']:.2f} | {row['seconds_per_1000_queries']:.1f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -61,7 +61,7 @@ def test_local_lcm_folder_roundtrip(tiny_lcm, tmp_path):
 
 def test_builtin_names_resolve():
     assert isinstance(load_pipeline("tiny-sd"), StableDiffusionPipeline)
-    assert isinstance(load_pipeline("tiny-lcm"), LatentConsistencyModelPipeline)
+    assert isinstance(load_pipeline("tiny-lcm-random"), LatentConsistencyModelPipeline)
     assert load_pipeline("tiny-sd", torch_dtype=torch.float16).unet.dtype == torch.float16
 
 

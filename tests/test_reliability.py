@@ -180,10 +180,10 @@ def test_ratio_check_passes_for_the_sampling_policy_and_names_a_changed_one(tiny
     check_log_ratios(
         pipe.unet, pipe, data, idx, step, config, accelerator, epoch=0
     )  # the same policy: passes
-    tampered = dict(data, log_probs=data["log_probs"] + 0.01)  # as if sampled by another policy or dtype
+    tampered = dict(data, log_probs=data["log_probs"] + 0.05)  # as if sampled by another policy or dtype
     with pytest.raises(
         NumericalError,
-        match=r"epoch 5: re-scoring stored actions .* up to 0.01 > train.ratio_tolerance=0.001",
+        match=r"epoch 5: re-scoring stored actions .* mean \|log ratio\| of 0.05 > train.ratio_tolerance=0.01",
     ):
         check_log_ratios(pipe.unet, pipe, tampered, idx, step, config, accelerator, epoch=5)
     config.model.mixed_precision = "bf16"
@@ -191,6 +191,10 @@ def test_ratio_check_passes_for_the_sampling_policy_and_names_a_changed_one(tiny
         check_log_ratios(pipe.unet, pipe, tampered, idx, step, config, accelerator, epoch=5)
     config.train.ratio_tolerance = 0.0  # off
     check_log_ratios(pipe.unet, pipe, tampered, idx, step, config, accelerator, epoch=5)
+    config.train.ratio_tolerance, config.model.mixed_precision = 0.01, "no"
+    config.sample.eta = 0.8  # a sampler that differs from the one that sampled
+    with pytest.raises(NumericalError, match="the training step differs from the sampler"):
+        check_log_ratios(pipe.unet, pipe, data, idx, step, config, accelerator, epoch=1)
 
 
 def _poison_loss(monkeypatch, calls_to_poison):

@@ -259,7 +259,7 @@ def test_cli_sample_and_train_value_write_their_outputs(tmp_path, capsys):
         == 2
     )
     assert "README.md: not a safetensors file" in capsys.readouterr().err
-    lcm = ["tiny-lcm", "--prompt", "a red circle", "--num-steps", "4", "--guidance-scale", "8"]
+    lcm = ["tiny-lcm-random", "--prompt", "a red circle", "--num-steps", "4", "--guidance-scale", "8"]
     for guidance in ("none", "svdd-pm", "best-of-n"):
         out = tmp_path / f"lcm-{guidance}"
         assert (

@@ -35,20 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import LCMScheduler
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffrl.errors import InputFileError
-from diffrl.policies.ddim import ddim_step_with_logprob, predicted_x0
-from diffrl.policies.lcm import guidance_embedding, lcm_step_with_logprob
-from diffrl.rollout import (
-    decode_latents,
-    encode_prompts,
-    guided_noise_pred,
-    initial_noise,
-    sample_trajectories,
-)
+from diffrl.policies.ddim import predicted_x0
+from diffrl.rollout import Transition, decode_latents, sample_trajectories
 
 ValueFn = Callable[..., torch.Tensor]
 """``value(pipe, latents [N, C, h, w], timestep, noise_pred [N, C, h, w], prompts [N], prompt_embeds [N, L, D]) -> [N]``."""
@@ -229,51 +221,6 @@ def resample_worst(
 # ---------------------------------------------------------------------------- samplers
 
 
-@dataclass
-class Transition:
-    """The pretrained model's stochastic transition p_pre(x_t' | x_t) for a pipeline: the DDIM
-    step (eta, classifier-free guidance) for Stable Diffusion, the consistency step (guidance
-    embedding, no doubling) for a latent consistency model (:mod:`diffrl.policies.lcm`)."""
-
-    pipe: object
-    guidance_scale: float
-    eta: float
-
-    @property
-    def is_lcm(self) -> bool:
-        return isinstance(self.pipe.scheduler, LCMScheduler)
-
-    def encode(self, prompts: list[str], negative_prompt: str):
-        """Prompt embeddings ``[B, L, D]`` and the negative ones (None without CFG)."""
-        guided = self.guidance_scale > 1.0 and not self.is_lcm
-        return encode_prompts(self.pipe, prompts, negative_prompt, guided)
-
-    def noise_pred(self, x, t, embeds, negative) -> torch.Tensor:
-        """ε̂(x_t, t) ``[B, C, h, w]`` float32, guided as the pipeline is."""
-        if self.is_lcm:
-            cond = guidance_embedding(self.pipe, self.guidance_scale, x.shape[0])
-            return guided_noise_pred(self.pipe.unet, x, t, embeds, None, 1.0, timestep_cond=cond)
-        model_input = self.pipe.scheduler.scale_model_input(x, t)
-        return guided_noise_pred(self.pipe.unet, model_input, t, embeds, negative, self.guidance_scale)
-
-    def step(self, eps, t, x, generator) -> torch.Tensor:
-        """A draw of x_t' given x_t and its ε̂ (on the last step: the final latents)."""
-        if self.is_lcm:
-            return lcm_step_with_logprob(self.pipe.scheduler, eps, t, x, generator=generator).prev_sample
-        scheduler = self.pipe.scheduler
-        return ddim_step_with_logprob(
-            scheduler, eps, t, x, eta=self.eta, generator=generator, with_logprob=False
-        ).prev_sample
-
-    def start(self, prompts, num_steps, generator, height, width, negative_prompt):
-        """Embeddings, x_T, the schedule and the first noise prediction (the only one not made for a candidate)."""
-        embeds, negative = self.encode(prompts, negative_prompt)
-        x = initial_noise(self.pipe, len(prompts), height, width, generator, None)
-        self.pipe.scheduler.set_timesteps(num_steps, device=self.pipe._execution_device)
-        timesteps = self.pipe.scheduler.timesteps
-        return embeds, negative, x, timesteps, self.noise_pred(x, timesteps[0], embeds, negative)
-
-
 def _repeat(tensor, times):
     return None if tensor is None else tensor.repeat_interleave(times, dim=0)
 
@@ -322,10 +269,10 @@ def svdd(
     rows = torch.arange(p, device=x.device)
     for i, t in enumerate(timesteps):
         if i == len(timesteps) - 1:  # the last step: its one child is the image
-            x = transition.step(eps, t, x, generator)
+            x = transition.step(eps, t, x, generator).prev_sample
             break
         # [P*M]: candidate k of particle j at row j*M + k
-        candidates = transition.step(_repeat(eps, m), t, _repeat(x, m), generator)
+        candidates = transition.step(_repeat(eps, m), t, _repeat(x, m), generator).prev_sample
         t_next = timesteps[i + 1]
         candidate_eps = transition.noise_pred(candidates, t_next, embeds_m, negative_m)
         calls += p * m
@@ -375,7 +322,7 @@ def smc(
     previous = torch.zeros(p * n, device=x.device)
     offsets = (torch.arange(p) * n).view(-1, 1)
     for i, t in enumerate(timesteps):
-        x = transition.step(eps, t, x, generator)
+        x = transition.step(eps, t, x, generator).prev_sample
         if i == len(timesteps) - 1:
             break
         t_next = timesteps[i + 1]
