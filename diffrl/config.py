@@ -21,8 +21,10 @@ from typing import Any, Literal
 
 import yaml
 
-from diffrl.algorithms import rlcm
+from diffrl.algorithms import d3po, dpo, rlcm
 from diffrl.algorithms.b2diffurl import B2DiffuRLConfig
+from diffrl.algorithms.d3po import D3POConfig
+from diffrl.algorithms.dpo import DPOConfig
 from diffrl.errors import ConfigError
 
 
@@ -154,11 +156,14 @@ class RunConfig:
 
 @dataclass
 class Config:
-    algorithm: Literal["ddpo", "b2diffurl", "rlcm"] = "ddpo"
+    algorithm: Literal["ddpo", "b2diffurl", "rlcm", "d3po", "dpo", "seppo"] = "ddpo"
     """Training algorithm: DDPO, B²-DiffuRL (DDPO's loss on branch-sampled, progressively longer
-    suffixes), or RLCM (DDPO's loss on a latent consistency model's sampler; unset keys take
+    suffixes), RLCM (DDPO's loss on a latent consistency model's sampler; unset keys take
     RLCM's defaults: sample.num_steps 8, guidance_scale 8, lr 1e-4, clip_range 1e-4,
-    adv_clip_max 10, max_grad_norm 5, LoRA 8/8)."""
+    adv_clip_max 10, max_grad_norm 5, LoRA 8/8), D3PO (per-step DPO on pairs of chains that
+    share x_T; unset keys take D3PO's defaults: 20 steps, lr 3e-5), or the offline preference
+    methods Diffusion-DPO (dpo) and SePPO (seppo) on the images of ``dpo.data`` (lr 2e-5,
+    weight decay 1e-2)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -168,6 +173,10 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     b2diffurl: B2DiffuRLConfig = field(default_factory=B2DiffuRLConfig)
     """Schedule, branching and selection of B²-DiffuRL (used when algorithm = b2diffurl)."""
+    d3po: D3POConfig = field(default_factory=D3POConfig)
+    """β, clamp, group size, reference and preference source of D3PO (used when algorithm = d3po)."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """β, data and SePPO's references (used when algorithm = dpo or seppo)."""
 
 
 # ---------------------------------------------------------------------------- YAML 1.2 reading
@@ -333,7 +342,7 @@ def validate(config: Config) -> Config:
     ]:
         _require(value > 0, key, f"must be > 0, got {value}")
     _require(
-        s.eta > 0 or config.algorithm == "rlcm",
+        s.eta > 0 or config.algorithm in ("rlcm", "dpo", "seppo"),
         "sample.eta",
         f"must be > 0 for {config.algorithm}, which trains on step log-probabilities; eta={s.eta} makes "
         "the DDIM step deterministic (no density)",
@@ -385,6 +394,12 @@ def validate(config: Config) -> Config:
     if config.algorithm == "b2diffurl":
         _validate_b2diffurl(config)
         return config
+    if config.algorithm == "d3po":
+        _validate_d3po(config)
+        return config
+    if config.algorithm in ("dpo", "seppo"):
+        _validate_dpo(config)
+        return config
     samples = s.batch_size * s.num_batches_per_epoch
     per_step = t.batch_size * t.gradient_accumulation_steps
     _require(
@@ -413,6 +428,45 @@ def _validate_b2diffurl(config: Config) -> None:
         _require(value >= 1, key, f"must be >= 1, got {value}")
     _require(b.history_stages >= 0, "b2diffurl.history_stages", f"must be >= 0, got {b.history_stages}")
     _require(b.select_threshold >= 0, "b2diffurl.select_threshold", f"must be >= 0, got {b.select_threshold}")
+
+
+def _validate_d3po(config: Config) -> None:
+    """D3PO's settings. (Ties are not trained, so the number of pairs varies and is padded to whole
+    optimizer steps: batch sizes need not divide.)"""
+    d = config.d3po
+    _require(d.beta > 0, "d3po.beta", f"must be > 0, got {d.beta}")
+    _require(d.clamp is None or 0 < d.clamp < 1, "d3po.clamp", f"must be in (0, 1) or null, got {d.clamp}")
+    _require(d.group_size >= 2, "d3po.group_size", f"must be >= 2 (a pair per prompt), got {d.group_size}")
+    _require(
+        d.reference != "pretrained" or config.model.use_lora,
+        "d3po.reference",
+        "pretrained needs model.use_lora: true (the reference is the UNet with its LoRA adapters "
+        "disabled; full fine-tuning would need a second UNet); or use reference: sampler",
+    )
+
+
+def _validate_dpo(config: Config) -> None:
+    """Diffusion-DPO's and SePPO's settings (their epochs are passes over ``dpo.data``)."""
+    d = config.dpo
+    _require(
+        bool(d.data),
+        "dpo.data",
+        "is required: a JSONL of {prompt, winner, loser}, a folder with pairs.jsonl, or hf:NAME",
+    )
+    _require(d.beta > 0, "dpo.beta", f"must be > 0, got {d.beta}")
+    _require(
+        0 <= d.empty_prompt_fraction < 1,
+        "dpo.empty_prompt_fraction",
+        f"must be in [0, 1), got {d.empty_prompt_fraction}",
+    )
+    _require(d.reference_pool >= 1, "dpo.reference_pool", f"must be >= 1, got {d.reference_pool}")
+    _require(d.sample_steps >= 1, "dpo.sample_steps", f"must be >= 1, got {d.sample_steps}")
+    _require(
+        config.model.use_lora,
+        "model.use_lora",
+        f"{config.algorithm} needs LoRA: the reference is the UNet with its adapters disabled (or a "
+        "checkpoint's adapters swapped in); full fine-tuning would need a second UNet",
+    )
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -444,8 +498,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 f"config file {path}: expected a mapping of sections, got {type(data).__name__}"
             )
     data = apply_overrides(data, list(overrides))
-    if data.get("algorithm") == "rlcm":
-        data = _with_defaults(data, rlcm.DEFAULTS)
+    defaults = {"rlcm": rlcm.DEFAULTS, "d3po": d3po.DEFAULTS, "dpo": dpo.DEFAULTS, "seppo": dpo.DEFAULTS}.get(
+        data.get("algorithm")
+    )
+    if defaults:
+        data = _with_defaults(data, defaults)
     return validate(_build(Config, data, ""))
 
 

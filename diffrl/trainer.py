@@ -17,7 +17,9 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from diffrl import rewards
-from diffrl.algorithms import b2diffurl, ddpo
+from diffrl.algorithms import b2diffurl, d3po, ddpo
 from diffrl.algorithms.ddpo import ppo_loss
 from diffrl.checkpoints import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from diffrl.config import Config, SampleConfig, dump_yaml, to_dict
@@ -70,7 +72,7 @@ def check_environment(config: Config, device: torch.device) -> None:
 def preflight(config: Config, device: torch.device):
     """Every check that needs no model weights, in the order a user would fix them: this machine,
     the resume target, the model (found? resolution a multiple of its VAE factor?), the prompts,
-    the reward. Returns ``(prompt source, reward function)``."""
+    the reward(s). Returns ``(prompt source, reward function, D3PO's extra ``(name, reward)`` pairs)``."""
     check_environment(config, device)
     if config.run.resume_from:
         resolve_resume(config.run.resume_from)
@@ -93,7 +95,8 @@ def preflight(config: Config, device: torch.device):
         )
     source = load_prompts(config.prompts.source)
     reward_fn = rewards.get(config.reward.name, **config.reward.kwargs)
-    return source, reward_fn
+    extra = config.d3po.extra_rewards if config.algorithm == "d3po" else []
+    return source, reward_fn, [(name, rewards.get(name)) for name in extra]
 
 
 def set_attention(unet, backend: str, device: torch.device) -> None:
@@ -183,8 +186,11 @@ def sample_batch(
 
 
 def branching(config: Config, epoch: int) -> tuple[int, int]:
-    """(branch step b, branches K) of this epoch's rollouts: (0, 1) for DDPO; B²-DiffuRL's stage
-    schedule b(s) = N − ℓ(s) with K branches (stage s = epoch s)."""
+    """(branch step b, branches K) of this epoch's rollouts: (0, 1) for DDPO; D3PO's groups of
+    images that share x_T (0, group size); B²-DiffuRL's stage schedule b(s) = N − ℓ(s) with K
+    branches (stage s = epoch s)."""
+    if config.algorithm == "d3po":
+        return 0, config.d3po.group_size
     if config.algorithm != "b2diffurl":
         return 0, 1
     b = config.b2diffurl
@@ -246,10 +252,10 @@ def metadata_means(metadata: list[dict], valid: torch.Tensor, accelerator) -> di
     return {f"reward_{k}": sum(v) / len(v) for k, v in values.items()}
 
 
-def fixed_sample_grid(pipe, config: Config, source, reward_fn, path: Path) -> None:
-    """A grid of the first 16 prompts of the source sampled from a fixed seed, with rewards:
-    written before training (``samples/before.png``) and after it (``samples/after.png``)."""
-    prompts = [source.prompts[i % len(source.prompts)] for i in range(16)]
+def fixed_sample_grid(pipe, config: Config, prompts: list[str], reward_fn, path: Path) -> None:
+    """A grid of the first 16 of ``prompts`` sampled from a fixed seed, with rewards: written
+    before training (``samples/before.png``) and after it (``samples/after.png``)."""
+    prompts = [prompts[i % len(prompts)] for i in range(16)]
     traj = sample_batch(pipe, config.sample, prompts, torch.Generator().manual_seed(config.run.seed))
     values = score_batch(reward_fn, traj, [{} for _ in prompts], config, 0, f"sample grid {path.name}")
     captions = [f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values.tolist())]
@@ -304,6 +310,20 @@ def gathered_advantages(
         advantages[finite] = ddpo.compute_advantages(kept_prompts, all_rewards[finite], reward_stats)
     start = accelerator.process_index * n
     return advantages[start : start + n], trained[start : start + n], all_rewards
+
+
+def preference_scores(trajectories, local_rewards, extra_rewards, config: Config, epoch: int) -> torch.Tensor:
+    """D3PO's AI feedback: ``[N, 1 + E]`` scores of this process's samples under ``reward.name``
+    (already computed, NaN where dropped) and each of the ``d3po.extra_rewards`` ``(name, fn)``."""
+    columns = [local_rewards]
+    for name, fn in extra_rewards:
+        values, first = [], 0
+        for traj in trajectories:
+            where = f"epoch {epoch}, extra reward {name}"
+            values.append(score_batch(fn, traj, [{} for _ in traj.prompts], config, first, where))
+            first += len(traj)
+        columns.append(torch.cat(values))
+    return torch.stack(columns, dim=1)
 
 
 # ============================================================================ training
@@ -430,78 +450,168 @@ def training_samples(trained: torch.Tensor, per_step: int, accelerator) -> tuple
     return index, mask
 
 
-def train_epoch(
-    unet,
-    pipe,
-    data,
-    advantages,
-    trained,
-    config: Config,
-    optimizer,
-    params,
+@dataclass
+class Learner:
+    """The trainable policy and what updates it: the accelerate-wrapped UNet (``pipe.unet`` is the
+    same weights unwrapped), the AdamW over ``params``, and the non-finite guard."""
+
+    unet: torch.nn.Module
+    pipe: object
+    optimizer: torch.optim.Optimizer
+    params: list
+    accelerator: Accelerator
+    guard: NonFiniteGuard
+    config: Config
+    loss_fault: str | None = None
+
+    def __post_init__(self) -> None:
+        self.named_params = [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
+
+    def log_prob(self, data, idx: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """log πθ of stored actions ``[B]`` with gradient (:func:`step_log_prob`)."""
+        return step_log_prob(self.unet, self.pipe, data, idx, step, self.config, self.accelerator)
+
+    def update(self, compute_loss, where: str, term: str) -> dict[str, float]:
+        """One accumulated loss term: ``compute_loss() -> (loss, {name: 0-dim stat})`` and its
+        backward inside ``accelerator.accumulate``; at an accumulation boundary, the optimizer
+        step (skipped when anything was non-finite, see :func:`optimizer_step`). ``where`` (the
+        epoch) and ``term`` (the minibatch and step) name the place in warnings and errors."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.unet):
+            loss, stats = compute_loss()
+            accelerator.backward(loss)
+            if not torch.isfinite(loss):
+                self.loss_fault = f"loss {loss.item()} at {term}"
+            if accelerator.sync_gradients:
+                fault = optimizer_step(
+                    self.optimizer, self.params, self.named_params, self.loss_fault, self.config, accelerator
+                )
+                self.guard.record(fault, where)
+                self.loss_fault = None
+        return {"loss": loss.item(), **{k: float(v) for k, v in stats.items()}}
+
+
+def update_epoch(
+    learner: Learner,
+    trained: torch.Tensor,
+    num_steps: int,
+    first_step: int,
+    term,
     streams,
-    accelerator,
-    guard,
-    epoch,
+    epoch: int,
     progress,
-):
-    """PPO updates over one epoch's samples (``num_inner_epochs`` passes): the samples with
-    ``trained [N]`` True (others were dropped or not selected), at the steps from the epoch's
-    branch point on (all steps for DDPO), each sample's steps in its own random order.
-    Returns mean stats."""
-    t, s = config.train, config.sample
+    check=None,
+) -> dict[str, float]:
+    """The update phase shared by the algorithms: ``num_inner_epochs`` passes over the items with
+    ``trained [M]`` True (samples for PPO, pairs for D3PO), shuffled, in minibatches of
+    ``train.batch_size``; each item's steps ``first_step..num_steps-1`` in its own random order
+    (``timestep_fraction`` of them), one accumulated term per (minibatch, step):
+    ``term(items [B], steps [B], valid [B]) -> (loss, stats)``. ``check(items, steps)`` runs once
+    before the first update. Returns the mean of every stat and ``skipped_steps``."""
+    t, accelerator = learner.config.train, learner.accelerator
     index, valid = training_samples(trained, t.batch_size * t.gradient_accumulation_steps, accelerator)
-    data = {k: v if k == "timesteps" or v is None else v[index] for k, v in data.items()}
-    advantages = advantages[index]
-    old_log_probs = data["log_probs"]
-    num_samples, num_steps = old_log_probs.shape
-    first_step = branching(config, epoch)[0]
-    num_train_steps = int((num_steps - first_step) * t.timestep_fraction)
+    span = num_steps - first_step
+    num_train_steps = int(span * t.timestep_fraction)
     accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps * num_train_steps
     accelerator.step = 0  # whole optimizer steps per epoch; the accumulation length may change between epochs
-    named_params = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-    pipe.scheduler.set_timesteps(s.num_steps, device=data["latents"].device)
-    totals = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
-    terms, loss_fault, skipped_before = 0, None, guard.skipped
-    unet.train()
+    learner.pipe.scheduler.set_timesteps(learner.config.sample.num_steps, device=accelerator.device)
+    totals: dict[str, float] = {}
+    terms, skipped_before = 0, learner.guard.skipped
+    learner.unet.train()
     for inner in range(t.num_inner_epochs):
-        order = torch.randperm(num_samples, generator=streams.shuffle)
+        order = torch.randperm(len(index), generator=streams.shuffle)
         step_order = first_step + torch.stack(
-            [torch.randperm(num_steps - first_step, generator=streams.shuffle) for _ in range(num_samples)]
+            [torch.randperm(span, generator=streams.shuffle) for _ in range(len(index))]
         )
         batches = order.split(t.batch_size)
-        if inner == 0:
-            check_log_ratios(
-                unet, pipe, data, batches[0], step_order[batches[0], 0], config, accelerator, epoch
-            )
-        for b, idx in enumerate(tqdm(batches, desc="training", disable=not progress, leave=False)):
+        if inner == 0 and check is not None:
+            check(index[batches[0]], step_order[batches[0], 0])
+        for b, rows in enumerate(tqdm(batches, desc="training", disable=not progress, leave=False)):
             for j in range(num_train_steps):
-                step = step_order[idx, j]
-                with accelerator.accumulate(unet):
-                    log_prob = step_log_prob(unet, pipe, data, idx, step, config, accelerator)
-                    loss, stats = ppo_loss(
-                        log_prob,
-                        old_log_probs[idx, step],
-                        advantages[idx],
-                        t.clip_range,
-                        t.adv_clip_max,
-                        valid[idx],
-                    )
-                    accelerator.backward(loss)
-                    if not torch.isfinite(loss):
-                        loss_fault = f"loss {loss.item()} at minibatch {b}, trained timestep {j}"
-                    if accelerator.sync_gradients:
-                        fault = optimizer_step(
-                            optimizer, params, named_params, loss_fault, config, accelerator
-                        )
-                        guard.record(fault, f"epoch {epoch}, inner epoch {inner}, minibatch {b}")
-                        loss_fault = None
-                totals["loss"] += loss.item()
-                totals["approx_kl"] += stats.approx_kl.item()
-                totals["clipfrac"] += stats.clipfrac.item()
+                stats = learner.update(
+                    partial(term, index[rows], step_order[rows, j], valid[rows]),
+                    f"epoch {epoch}, inner epoch {inner}",
+                    f"minibatch {b}, trained timestep {j}",
+                )
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
                 terms += 1
-    unet.eval()
-    return {**{k: v / terms for k, v in totals.items()}, "skipped_steps": guard.skipped - skipped_before}
+    learner.unet.eval()
+    return {
+        **{k: v / terms for k, v in totals.items()},
+        "skipped_steps": learner.guard.skipped - skipped_before,
+    }
+
+
+def train_epoch(
+    learner: Learner, data, advantages, trained, streams, epoch: int, progress
+) -> dict[str, float]:
+    """DDPO's PPO updates (also B²-DiffuRL's and RLCM's) over one epoch's samples with ``trained [N]``
+    True (others were dropped or not selected), at the steps from the epoch's branch point on."""
+    t, config = learner.config.train, learner.config
+
+    def term(idx, step, valid):
+        log_prob = learner.log_prob(data, idx, step)
+        loss, stats = ppo_loss(
+            log_prob, data["log_probs"][idx, step], advantages[idx], t.clip_range, t.adv_clip_max, valid
+        )
+        return loss, {"approx_kl": stats.approx_kl, "clipfrac": stats.clipfrac}
+
+    def check(idx, step):
+        check_log_ratios(learner.unet, learner.pipe, data, idx, step, config, learner.accelerator, epoch)
+
+    num_steps = data["log_probs"].shape[1]
+    first_step = branching(config, epoch)[0]
+    return update_epoch(learner, trained, num_steps, first_step, term, streams, epoch, progress, check)
+
+
+def train_d3po_epoch(
+    learner: Learner, data, pairs: d3po.Pairs, streams, epoch: int, progress
+) -> dict[str, float]:
+    """D3PO's updates over one epoch's decided pairs (ties have zero gradient and are skipped):
+    per (minibatch of pairs, step) both members' log πθ − log π_ref at the same step index
+    (the pair's own shuffled order), the per-step loss of :func:`diffrl.algorithms.d3po.d3po_loss`."""
+    config, d = learner.config, learner.config.d3po
+
+    def reference(idx, step):
+        if d.reference == "sampler":  # the policy that sampled this epoch: its stored log-probs
+            return data["log_probs"][idx, step]
+        with torch.no_grad(), adapters_disabled(learner.pipe.unet):
+            return step_log_prob(
+                learner.pipe.unet, learner.pipe, data, idx, step, config, learner.accelerator
+            )
+
+    def term(rows, step, valid):
+        members, steps = torch.cat([pairs.first[rows], pairs.second[rows]]), torch.cat([step, step])
+        log_ratio = learner.log_prob(data, members, steps) - reference(members, steps)
+        log_ratio = log_ratio.view(2, -1).T  # [B, 2]: (a, b) of each pair
+        loss, logits = d3po.d3po_loss(log_ratio, pairs.h[rows], d.beta, d.clamp, valid)
+        weight = valid.float() / valid.sum().clamp(min=1)
+        outside = (log_ratio.detach().exp() - 1).abs() > (d.clamp if d.clamp is not None else float("inf"))
+        return loss, {
+            "accuracy": ((logits > 0).float() * weight).sum(),
+            "approx_kl": (0.5 * log_ratio.detach().pow(2).mean(1) * weight).sum(),
+            "clipfrac": (outside.float().mean(1) * weight).sum(),
+        }
+
+    def check(rows, step):
+        check_log_ratios(
+            learner.unet, learner.pipe, data, pairs.first[rows], step, config, learner.accelerator, epoch
+        )
+
+    return update_epoch(
+        learner, pairs.decided, data["log_probs"].shape[1], 0, term, streams, epoch, progress, check
+    )
+
+
+@contextmanager
+def adapters_disabled(unet):
+    """The UNet without its LoRA adapters inside the block: the frozen pretrained model."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
 
 
 # ============================================================================ outputs
@@ -690,7 +800,7 @@ def set_deterministic(enabled: bool) -> bool:
 
 
 def train(config: Config):
-    """Run DDPO (or B²-DiffuRL, RLCM) as configured; returns the pipeline holding the trained weights (on every process).
+    """Run DDPO (or B²-DiffuRL, RLCM, D3PO; Diffusion-DPO and SePPO in :mod:`diffrl.offline`) as configured; returns the pipeline holding the trained weights (on every process).
 
     Raises :class:`RunStopped` after a SIGINT/SIGTERM, once the current epoch is checkpointed.
     """
@@ -700,25 +810,31 @@ def train(config: Config):
         log_with=None if config.run.log_with == "none" else config.run.log_with,
         project_dir=config.run.output_dir,
     )
-    source, reward_fn = preflight(config, accelerator.device)
+    source, reward_fn, extra_rewards = preflight(config, accelerator.device)
     was_deterministic = set_deterministic(config.run.deterministic)
     try:
         with StopSignals() as stop:
-            return _train_loop(config, accelerator, source, reward_fn, stop)
+            if config.algorithm in ("dpo", "seppo"):
+                from diffrl.offline import train_offline  # it builds on this module
+
+                return train_offline(config, accelerator, reward_fn, stop)
+            return _train_loop(config, accelerator, source, reward_fn, extra_rewards, stop)
     finally:
         set_deterministic(was_deterministic)
 
 
-def _train_loop(config: Config, accelerator, source, reward_fn, stop: StopSignals):
+def _train_loop(config: Config, accelerator, source, reward_fn, extra_rewards, stop: StopSignals):
     """The epochs of :func:`train`, after its checks."""
     progress = accelerator.is_local_main_process and sys.stderr.isatty()
     reward_stats = reward_statistics(config)
     streams = Streams.seeded(config.run.seed, accelerator.process_index)
-    guard = NonFiniteGuard(config.train.max_nonfinite_steps)
     pipe, unet, params, optimizer = build_policy(config, accelerator)
+    learner = Learner(
+        unet, pipe, optimizer, params, accelerator, NonFiniteGuard(config.train.max_nonfinite_steps), config
+    )
     run_dir, start_epoch = open_run(config, accelerator, pipe, optimizer, reward_stats, streams)
     if start_epoch == 0 and accelerator.is_main_process:
-        fixed_sample_grid(pipe, config, source, reward_fn, run_dir / "samples" / "before.png")
+        fixed_sample_grid(pipe, config, source.prompts, reward_fn, run_dir / "samples" / "before.png")
     if start_epoch >= config.run.num_epochs and accelerator.is_main_process:
         export_weights(pipe, config, run_dir)  # a run killed after its last checkpoint, before the export
 
@@ -730,27 +846,22 @@ def _train_loop(config: Config, accelerator, source, reward_fn, stop: StopSignal
         )
         prompts = [p for traj in trajectories for p in traj.prompts]
         data = stack_epoch(trajectories)
-        advantages, trained, all_rewards = gathered_advantages(
-            prompts, data["groups"], local_rewards, reward_stats, config, accelerator, epoch
-        )
 
         # training
         t0 = time.perf_counter()
-        stats = train_epoch(
-            unet,
-            pipe,
-            data,
-            advantages,
-            trained,
-            config,
-            optimizer,
-            params,
-            streams,
-            accelerator,
-            guard,
-            epoch,
-            progress,
-        )
+        if config.algorithm == "d3po":
+            scores = preference_scores(trajectories, local_rewards, extra_rewards, config, epoch)
+            pairs = d3po.preferences(scores, data["groups"])
+            all_rewards, trained = (
+                accelerator.gather(local_rewards.to(accelerator.device)).cpu(),
+                pairs.decided,
+            )
+            stats = train_d3po_epoch(learner, data, pairs, streams, epoch, progress)
+        else:
+            advantages, trained, all_rewards = gathered_advantages(
+                prompts, data["groups"], local_rewards, reward_stats, config, accelerator, epoch
+            )
+            stats = train_epoch(learner, data, advantages, trained, streams, epoch, progress)
         kept = all_rewards[torch.isfinite(all_rewards)]
         record = {
             "epoch": epoch,
@@ -760,6 +871,15 @@ def _train_loop(config: Config, accelerator, source, reward_fn, stop: StopSignal
             "num_dropped": all_rewards.numel() - kept.numel(),
             "num_trained": int(accelerator.reduce(trained.sum().to(accelerator.device), "sum")),
             "branch_step": branching(config, epoch)[0],
+            **(
+                {
+                    "num_pairs": int(
+                        accelerator.reduce(torch.tensor(len(pairs), device=accelerator.device), "sum")
+                    )
+                }
+                if config.algorithm == "d3po"
+                else {}
+            ),
             **metadata_means(metadata, torch.isfinite(local_rewards), accelerator),
             **{
                 k: accelerator.reduce(torch.tensor(float(v), device=accelerator.device), "mean").item()
@@ -788,7 +908,7 @@ def _train_loop(config: Config, accelerator, source, reward_fn, stop: StopSignal
             accelerator.end_training()
             raise RunStopped(signum, run_dir, epoch)
     if accelerator.is_main_process:
-        fixed_sample_grid(pipe, config, source, reward_fn, run_dir / "samples" / "after.png")
+        fixed_sample_grid(pipe, config, source.prompts, reward_fn, run_dir / "samples" / "after.png")
     accelerator.end_training()
     return pipe
 

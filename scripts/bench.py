@@ -44,7 +44,7 @@ from diffrl.guidance import svdd
 from diffrl.pipelines import load_pipeline
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_branches, sample_trajectories
-from diffrl.trainer import NonFiniteGuard, Streams, prepare_unet, stack_epoch, train, train_epoch
+from diffrl.trainer import Learner, NonFiniteGuard, Streams, prepare_unet, stack_epoch, train, train_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,24 +90,11 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
     unet, optimizer = accelerator.prepare(unet, optimizer)
     streams = Streams.seeded(0, 0)
 
-    everyone, guard = torch.ones(batch, dtype=torch.bool), NonFiniteGuard(limit=1000)
+    everyone = torch.ones(batch, dtype=torch.bool)
+    learner = Learner(unet, pipe, optimizer, params, accelerator, NonFiniteGuard(limit=1000), config)
 
     def train_step():
-        train_epoch(
-            unet,
-            pipe,
-            data,
-            advantages,
-            everyone,
-            config,
-            optimizer,
-            params,
-            streams,
-            accelerator,
-            guard,
-            0,
-            False,
-        )
+        train_epoch(learner, data, advantages, everyone, streams, 0, False)
 
     trunks = prompts[: max(1, batch // branches)]
 

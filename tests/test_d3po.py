@@ -1,11 +1,32 @@
 """D3PO: pairs and preferences, the per-step loss against its closed form, and training."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 
+from diffrl import load_pipeline, rewards
 from diffrl.algorithms.d3po import d3po_loss, group_pairs, preferences
+from diffrl.cli import resolve_train_config
+from diffrl.config import ConfigError, load_config
+from diffrl.evaluation import evaluate
+from diffrl.files import read_jsonl
+from diffrl.prompts import load_prompts
+from diffrl.rollout import sample_trajectories
+from diffrl.testing import tiny_sd_pipeline
+from diffrl.trainer import (
+    adapters_disabled,
+    branching,
+    prepare_unet,
+    sample_batch,
+    stack_epoch,
+    step_log_prob,
+    train,
+)
+
+ROOT = Path(__file__).parent.parent
 
 WIN, LOSE, TIE = [1.0, -1.0], [-1.0, 1.0], [0.0, 0.0]
 
@@ -63,3 +84,82 @@ def test_masked_pairs_do_not_count():
     masked, _ = d3po_loss(log_ratio, h, 0.1, 0.1, valid=torch.tensor([True, False]))
     alone, _ = d3po_loss(log_ratio[:1], h[:1], 0.1, 0.1)
     torch.testing.assert_close(masked, alone)
+
+
+# ---------------------------------------------------------------------------- in the trainer
+
+
+def test_groups_share_x_T_and_draw_their_own_noise(tiny_sd):
+    config = load_config(None, ["algorithm=d3po", "sample.num_steps=3", "d3po.group_size=3"])
+    assert branching(config, epoch=0) == (0, 3)
+    traj = sample_batch(
+        tiny_sd, config.sample, ["a", "b"], torch.Generator().manual_seed(0), branching(config, 0)
+    )
+    data = stack_epoch([traj])
+    assert data["groups"].tolist() == [0, 0, 0, 1, 1, 1]
+    x_T, x_1 = data["latents"][:, 0], data["latents"][:, 1]
+    assert torch.equal(x_T[0], x_T[1]) and torch.equal(x_T[1], x_T[2]) and not torch.equal(x_T[0], x_T[3])
+    assert not torch.equal(x_1[0], x_1[1])  # independent noise from the first step on
+
+
+def test_reference_is_the_pretrained_unet_with_lora_disabled():
+    pipe = tiny_sd_pipeline(seed=0)
+    config = load_config(None, ["algorithm=d3po", "sample.num_steps=3", "model.lora_rank=4"])
+    traj = sample_trajectories(pipe, ["a", "b"], num_steps=3, generator=torch.Generator().manual_seed(1))
+    data, accelerator = stack_epoch([traj]), Accelerator(cpu=True)
+    idx, step = torch.tensor([0, 1]), torch.tensor([0, 2])
+    with torch.no_grad():
+        base = step_log_prob(pipe.unet, pipe, data, idx, step, config, accelerator)
+        prepare_unet(pipe, config, torch.float32)
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter
+        policy = step_log_prob(pipe.unet, pipe, data, idx, step, config, accelerator)
+        with adapters_disabled(pipe.unet):
+            reference = step_log_prob(pipe.unet, pipe, data, idx, step, config, accelerator)
+        after = step_log_prob(pipe.unet, pipe, data, idx, step, config, accelerator)
+    assert torch.equal(reference, base) and not torch.allclose(policy, base) and torch.equal(after, policy)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("d3po.group_size=1", "d3po.group_size: must be >= 2"),
+        ("model.use_lora=false", "d3po.reference: pretrained needs model.use_lora: true"),
+        ("d3po.clamp=1.5", r"d3po.clamp: must be in \(0, 1\) or null"),
+    ],
+)
+def test_d3po_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["algorithm=d3po", override])
+    defaults = load_config(None, ["algorithm=d3po"])
+    assert (defaults.sample.num_steps, defaults.train.learning_rate, defaults.model.lora_rank) == (
+        20,
+        3e-5,
+        4,
+    )
+
+
+@pytest.mark.slow
+def test_short_d3po_run_with_ai_feedback_raises_alignment(tmp_path):
+    tiny = load_pipeline("tiny")
+    prompts = load_prompts("toy_train_single").prompts[::6]  # 16 fixed prompts, as for DDPO
+    reward_fn = rewards.get("shapes_alignment")
+    settings = dict(num_images=96, num_steps=4, guidance_scale=5.0, eta=1.0, seed=7)
+    before = evaluate(tiny, prompts, reward_fn, **settings)
+    config = resolve_train_config(
+        str(ROOT / "configs" / "d3po" / "tiny_alignment.yaml"),
+        [
+            f"run.output_dir={tmp_path}",
+            "run.num_epochs=30",
+            "run.save_freq=100",
+            f"prompts.source={prompts!r}".replace("'", '"'),
+        ],
+        None,
+    )
+    trained = train(config)
+    after = evaluate(trained, prompts, reward_fn, **settings)
+    records = read_jsonl(tmp_path / config.run.name / "metrics.jsonl")
+    assert all(r["num_pairs"] == 16 * 6 and 0 < r["num_trained"] <= 16 * 6 for r in records)
+    print(f"shapes_alignment {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}")
+    assert after["reward_mean"] - before["reward_mean"] > max(before["reward_stderr"], after["reward_stderr"])

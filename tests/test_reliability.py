@@ -139,10 +139,10 @@ def test_dropped_samples_leave_the_epoch_and_the_run_goes_on(tmp_path, monkeypat
     seen = {}
     original = trainer_module.train_epoch
 
-    def spy(unet, pipe, data, advantages, valid, *args):
+    def spy(learner, data, advantages, valid, *args):
         seen.setdefault("valid", []).append(valid.clone())
         seen.setdefault("advantages", []).append(advantages.clone())
-        return original(unet, pipe, data, advantages, valid, *args)
+        return original(learner, data, advantages, valid, *args)
 
     monkeypatch.setattr(trainer_module, "train_epoch", spy)
     overrides = [

@@ -32,6 +32,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+DEFAULTS: dict[str, dict] = {
+    "sample": {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0},
+    "train": {"learning_rate": 3e-5, "max_grad_norm": 1.0},
+    "model": {"lora_rank": 4, "lora_alpha": 4.0},
+}
+"""Values ``algorithm: d3po`` uses for the keys a config leaves unset (the paper's Sec. 5 settings)."""
+
 
 @dataclass
 class D3POConfig:
@@ -43,8 +50,8 @@ class D3POConfig:
     """Images per prompt sharing x_T; every pair of a group is compared."""
     reference: Literal["pretrained", "sampler"] = "pretrained"
     """π_ref: the pretrained UNet (LoRA disabled) or the policy that sampled the epoch."""
-    preferences: Literal["reward", "human"] = "reward"
-    """Where preferences come from: the reward(s) (AI feedback) or a label file (``diffrl label``)."""
+    preferences: Literal["reward"] = "reward"
+    """Where preferences come from: the reward(s) (AI feedback)."""
     extra_rewards: list[str] = field(default_factory=list)
     """More reward names besides ``reward.name``; a pair has a winner only under Pareto dominance."""
 
