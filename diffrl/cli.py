@@ -149,8 +149,9 @@ TRAIN_HELP = """\
 Fine-tune a diffusion model with RL as described by a YAML config.
 
 CONFIG is a YAML file with the sections model, sample, train, stat_tracking, reward, prompts and
-run, and b2diffurl for algorithm: b2diffurl (see configs/ for complete examples; every key has a
-default; algorithm: rlcm, for a latent consistency model, fills unset keys with RLCM's defaults).
+run, plus b2diffurl, d3po or dpo for those algorithms (see configs/ for complete examples; every
+key has a default; algorithm: rlcm (for a latent consistency model), d3po, dpo and seppo fill
+the keys a config leaves unset with their papers' defaults).
 Any key can be overridden after the file as section.key=value, the value parsed as YAML 1.2 (so
 "no" stays a string):
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from diffrl.algorithms import dpo
 from diffrl.checkpoints import list_checkpoints
 from diffrl.config import Config
-from diffrl.errors import ConfigError, InputFileError, RunStopped
+from diffrl.errors import ConfigError, InputFileError
 from diffrl.files import append_jsonl, line_chart, read_jsonl, save_png
 from diffrl.ops import eps_mse
 from diffrl.rollout import encode_prompts, sample_trajectories
@@ -37,9 +37,9 @@ from diffrl.trainer import (
     Streams,
     adapters_disabled,
     build_policy,
+    finish_epoch,
     fixed_sample_grid,
     open_run,
-    save_epoch,
 )
 
 # ============================================================================ data
@@ -333,13 +333,7 @@ def train_offline(config: Config, accelerator, reward_fn, stop) -> object:
             append_jsonl(run_dir / "metrics.jsonl", record)
             curve = [r["accuracy"] for r in read_jsonl(run_dir / "metrics.jsonl")]
             save_png(line_chart(curve, "implicit accuracy per epoch"), run_dir / "accuracy_curve.png")
-        signum = stop.requested(accelerator)
-        if signum or (epoch + 1) % config.run.save_freq == 0 or epoch == config.run.num_epochs - 1:
-            save_epoch(run_dir, epoch, config, pipe, optimizer, None, streams, accelerator)
-        accelerator.wait_for_everyone()
-        if signum:
-            accelerator.end_training()
-            raise RunStopped(signum, run_dir, epoch)
+        finish_epoch(run_dir, epoch, config, pipe, optimizer, None, streams, accelerator, stop)
     if accelerator.is_main_process:
         fixed_sample_grid(pipe, config, grid_prompts, reward_fn, run_dir / "samples" / "after.png")
     accelerator.end_training()

@@ -750,6 +750,20 @@ def save_epoch(
         export_weights(pipe, config, run_dir)
 
 
+def finish_epoch(
+    run_dir: Path, epoch: int, config: Config, pipe, optimizer, reward_stats, streams, accelerator, stop
+) -> None:
+    """Checkpoint when ``run.save_freq`` says so, after the last epoch, or when a stop signal came;
+    after a signal, end the run with :class:`RunStopped` once that checkpoint is complete."""
+    signum = stop.requested(accelerator)
+    if signum or (epoch + 1) % config.run.save_freq == 0 or epoch == config.run.num_epochs - 1:
+        save_epoch(run_dir, epoch, config, pipe, optimizer, reward_stats, streams, accelerator)
+    accelerator.wait_for_everyone()
+    if signum:
+        accelerator.end_training()
+        raise RunStopped(signum, run_dir, epoch)
+
+
 class StopSignals:
     """Within ``with``: the first SIGINT/SIGTERM asks the run to stop at the end of the current
     epoch with a checkpoint; a second one acts at once as it would have (the newest complete
@@ -900,13 +914,7 @@ def _train_loop(config: Config, accelerator, source, reward_fn, extra_rewards, s
         # outputs and checkpoint
         if accelerator.is_main_process:
             write_epoch_outputs(run_dir, epoch, record, trajectories[0], local_rewards)
-        signum = stop.requested(accelerator)
-        if signum or (epoch + 1) % config.run.save_freq == 0 or epoch == config.run.num_epochs - 1:
-            save_epoch(run_dir, epoch, config, pipe, optimizer, reward_stats, streams, accelerator)
-        accelerator.wait_for_everyone()
-        if signum:
-            accelerator.end_training()
-            raise RunStopped(signum, run_dir, epoch)
+        finish_epoch(run_dir, epoch, config, pipe, optimizer, reward_stats, streams, accelerator, stop)
     if accelerator.is_main_process:
         fixed_sample_grid(pipe, config, source.prompts, reward_fn, run_dir / "samples" / "after.png")
     accelerator.end_training()

@@ -7,7 +7,6 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffrl import rewards
 from diffrl.algorithms.b2diffurl import (
     B2DiffuRLConfig,
     StageHistory,
@@ -17,13 +16,10 @@ from diffrl.algorithms.b2diffurl import (
     sibling_z,
     trained_steps,
 )
-from diffrl.cli import resolve_train_config
 from diffrl.config import ConfigError, load_config
-from diffrl.evaluation import evaluate
-from diffrl.pipelines import load_pipeline
 from diffrl.prompts import load_prompts
 from diffrl.rollout import decode_latents, encode_prompts, guided_noise_pred, sample_branches
-from diffrl.trainer import train
+from tests.alignment import assert_raised, train_and_compare
 
 ROOT = Path(__file__).parent.parent
 PROMPTS = ["a red circle", "a small blue square on the left"]
@@ -169,19 +165,7 @@ def test_b2diffurl_config_errors():
     assert config.algorithm == "b2diffurl" and config.b2diffurl.num_branches == 5
 
 
-@pytest.mark.slow
 def test_short_b2diffurl_run_raises_alignment(tmp_path):
-    tiny = load_pipeline("tiny")
     prompts = load_prompts("toy_train_single").prompts[::6]  # 16 fixed prompts
-    reward_fn = rewards.get("shapes_alignment")
-    settings = dict(num_images=96, num_steps=4, guidance_scale=5.0, eta=1.0, seed=7)
-    before = evaluate(tiny, prompts, reward_fn, **settings)
-    config = resolve_train_config(
-        str(ROOT / "configs" / "b2diffurl" / "tiny_alignment.yaml"),
-        [f"run.output_dir={tmp_path}", "run.save_freq=100", f"prompts.source={prompts!r}".replace("'", '"')],
-        None,
-    )
-    trained = train(config)
-    after = evaluate(trained, prompts, reward_fn, **settings)
-    print(f"shapes_alignment {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}")
-    assert after["reward_mean"] - before["reward_mean"] > max(before["reward_stderr"], after["reward_stderr"])
+    before, after, _ = train_and_compare("tiny", "b2diffurl/tiny_alignment.yaml", prompts, tmp_path)
+    assert_raised(before, after)

@@ -7,11 +7,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from diffrl import load_pipeline, rewards
 from diffrl.algorithms.d3po import d3po_loss, group_pairs, preferences
-from diffrl.cli import resolve_train_config
 from diffrl.config import ConfigError, load_config
-from diffrl.evaluation import evaluate
 from diffrl.files import read_jsonl
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_trajectories
@@ -23,8 +20,8 @@ from diffrl.trainer import (
     sample_batch,
     stack_epoch,
     step_log_prob,
-    train,
 )
+from tests.alignment import assert_raised, train_and_compare
 
 ROOT = Path(__file__).parent.parent
 
@@ -142,24 +139,10 @@ def test_d3po_config_errors(override, message):
 
 @pytest.mark.slow
 def test_short_d3po_run_with_ai_feedback_raises_alignment(tmp_path):
-    tiny = load_pipeline("tiny")
     prompts = load_prompts("toy_train_single").prompts[::6]  # 16 fixed prompts, as for DDPO
-    reward_fn = rewards.get("shapes_alignment")
-    settings = dict(num_images=96, num_steps=4, guidance_scale=5.0, eta=1.0, seed=7)
-    before = evaluate(tiny, prompts, reward_fn, **settings)
-    config = resolve_train_config(
-        str(ROOT / "configs" / "d3po" / "tiny_alignment.yaml"),
-        [
-            f"run.output_dir={tmp_path}",
-            "run.num_epochs=30",
-            "run.save_freq=100",
-            f"prompts.source={prompts!r}".replace("'", '"'),
-        ],
-        None,
+    before, after, config = train_and_compare(
+        "tiny", "d3po/tiny_alignment.yaml", prompts, tmp_path, "run.num_epochs=30"
     )
-    trained = train(config)
-    after = evaluate(trained, prompts, reward_fn, **settings)
     records = read_jsonl(tmp_path / config.run.name / "metrics.jsonl")
     assert all(r["num_pairs"] == 16 * 6 and 0 < r["num_trained"] <= 16 * 6 for r in records)
-    print(f"shapes_alignment {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}")
-    assert after["reward_mean"] - before["reward_mean"] > max(before["reward_stderr"], after["reward_stderr"])
+    assert_raised(before, after)

@@ -9,13 +9,14 @@ from accelerate import Accelerator
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from diffrl import load_pipeline, rewards
-from diffrl.cli import main, resolve_train_config
+from diffrl.cli import main
 from diffrl.config import ConfigError, load_config
 from diffrl.evaluation import evaluate
 from diffrl.pipelines import SHIPPED_PIPELINES
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_trajectories
-from diffrl.trainer import stack_epoch, step_log_prob, train
+from diffrl.trainer import stack_epoch, step_log_prob
+from tests.alignment import assert_raised, train_and_compare
 
 ROOT = Path(__file__).parent.parent
 
@@ -94,22 +95,8 @@ def test_shipped_tiny_lcm_is_small_and_within_0_1_of_its_50_step_teacher():
 
 @pytest.mark.slow
 def test_short_rlcm_run_raises_alignment_on_the_tiny_lcm(tmp_path):
-    lcm = load_pipeline("tiny-lcm")
     prompts = load_prompts("toy_train_pair").prompts[::20]  # 18 fixed prompts
-    reward_fn = rewards.get("shapes_alignment")
-    settings = dict(num_images=96, num_steps=4, guidance_scale=5.0, eta=1.0, seed=7)
-    before = evaluate(lcm, prompts, reward_fn, **settings)
-    config = resolve_train_config(
-        str(ROOT / "configs" / "rlcm" / "tiny_alignment.yaml"),
-        [
-            f"run.output_dir={tmp_path}",
-            "run.num_epochs=30",
-            "run.save_freq=100",
-            f"prompts.source={prompts!r}".replace("'", '"'),
-        ],
-        None,
+    before, after, _ = train_and_compare(
+        "tiny-lcm", "rlcm/tiny_alignment.yaml", prompts, tmp_path, "run.num_epochs=30"
     )
-    trained = train(config)
-    after = evaluate(trained, prompts, reward_fn, **settings)
-    print(f"shapes_alignment {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}")
-    assert after["reward_mean"] - before["reward_mean"] > max(before["reward_stderr"], after["reward_stderr"])
+    assert_raised(before, after)

@@ -7,11 +7,10 @@ import pytest
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from diffrl import load_pipeline, rewards
-from diffrl.cli import resolve_train_config
 from diffrl.evaluation import evaluate
 from diffrl.pipelines import SHIPPED_PIPELINES
 from diffrl.prompts import load_prompts
-from diffrl.trainer import train
+from tests.alignment import assert_raised, train_and_compare
 
 ROOT = Path(__file__).parent.parent
 
@@ -57,25 +56,10 @@ def test_shipped_model_draws_the_toy_world(tiny):
 
 
 @pytest.mark.slow
-def test_short_ddpo_run_raises_alignment_above_the_pretrained_model(tmp_path, tiny):
+def test_short_ddpo_run_raises_alignment_above_the_pretrained_model(tmp_path):
     prompts = load_prompts("toy_train_single").prompts[::6]  # 16 fixed prompts
-    reward_fn = rewards.get("shapes_alignment")
-    settings = dict(num_images=96, num_steps=4, guidance_scale=5.0, eta=1.0, seed=7)
-    before = evaluate(tiny, prompts, reward_fn, **settings)
-    config = resolve_train_config(
-        str(ROOT / "configs" / "ddpo" / "tiny_alignment.yaml"),
-        [
-            # a short, hotter run than the quickstart's (which trains 180 epochs at 2e-3 on 96 prompts)
-            f"run.output_dir={tmp_path}",
-            "run.num_epochs=40",
-            "run.save_freq=100",
-            "train.learning_rate=3e-3",
-            f"prompts.source={prompts!r}".replace("'", '"'),
-        ],
-        None,
+    # a short, hotter run than the quickstart's (which trains 180 epochs at 2e-3 on 96 prompts)
+    before, after, _ = train_and_compare(
+        "tiny", "ddpo/tiny_alignment.yaml", prompts, tmp_path, "run.num_epochs=40", "train.learning_rate=3e-3"
     )
-    trained = train(config)
-    after = evaluate(trained, prompts, reward_fn, **settings)
-    margin = after["reward_mean"] - before["reward_mean"]
-    print(f"shapes_alignment {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}")
-    assert margin > max(before["reward_stderr"], after["reward_stderr"]), (before, after)
+    assert_raised(before, after)
