@@ -460,6 +460,11 @@ def _validate_dpo(config: Config) -> None:
         f"must be in [0, 1), got {d.empty_prompt_fraction}",
     )
     _require(d.reference_pool >= 1, "dpo.reference_pool", f"must be >= 1, got {d.reference_pool}")
+    _require(
+        d.steps_per_epoch is None or d.steps_per_epoch >= 1,
+        "dpo.steps_per_epoch",
+        f"must be >= 1 or null, got {d.steps_per_epoch}",
+    )
     _require(d.sample_steps >= 1, "dpo.sample_steps", f"must be >= 1, got {d.sample_steps}")
     _require(
         config.model.use_lora,

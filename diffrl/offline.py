@@ -1,7 +1,7 @@
 """The offline preference loop: Diffusion-DPO and SePPO (:mod:`diffrl.algorithms.dpo`).
 
-No rollouts are scored: each epoch is one shuffled pass over the preference data (split across
-processes), one DPO term per minibatch of pairs: encode both images with the VAE, draw one t and
+No rollouts are scored: each epoch is one shuffled pass over the preference data (or
+``dpo.steps_per_epoch`` optimizer steps of it; split across processes), one DPO term per minibatch of pairs: encode both images with the VAE, draw one t and
 one ε per pair and noise both images with them, the policy's and the reference's ε errors, the
 loss. SePPO replaces the loser by a sample of the reference model for the same prompt. The run
 folder, checkpoints, resume, signals and non-finite guards are the RL trainer's
@@ -293,7 +293,7 @@ def train_offline(config: Config, accelerator, reward_fn, stop) -> object:
         fixed_sample_grid(pipe, config, grid_prompts, reward_fn, run_dir / "samples" / "before.png")
     t = config.train
     per_step = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-    steps_per_epoch = len(data) // per_step
+    steps_per_epoch = min(len(data) // per_step, config.dpo.steps_per_epoch or len(data))
     if steps_per_epoch == 0:
         raise ConfigError(
             f"dpo.data: {len(data)} preferences are fewer than one optimizer step needs "

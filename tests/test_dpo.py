@@ -151,12 +151,14 @@ def test_with_the_policy_equal_to_its_reference_every_term_is_log2(tmp_path, toy
             "run.num_epochs=2",
             f"run.output_dir={tmp_path}",
             "dpo.reference_strategy=latest",
+            f"dpo.steps_per_epoch={1 if algorithm == 'seppo' else 'null'}",
         ],
         None,
     )
     train(config)
     records = read_jsonl(tmp_path / config.run.name / "metrics.jsonl")
-    assert len(records) == 2
+    pairs = len(read_jsonl(toy_pairs / "pairs.jsonl"))
+    assert len(records) == 2 and records[0]["num_pairs"] == (4 if algorithm == "seppo" else pairs // 4 * 4)
     for record in records:
         assert record["loss"] == pytest.approx(math.log(2), abs=1e-5) and record["accuracy"] == 0
     if algorithm == "seppo":  # epoch 1 drew its reference from epoch 0's checkpoint

@@ -60,6 +60,9 @@ class DPOConfig:
     """Preference data: a JSONL of {prompt, winner, loser} image paths (relative to the file), a
     folder holding ``pairs.jsonl``, or ``hf:NAME[:SPLIT]`` / a ``datasets`` folder in the Pick-a-Pic
     layout (caption, jpg_0, jpg_1, label_0). SePPO reads only prompts and winners."""
+    steps_per_epoch: int | None = None
+    """Optimizer steps per epoch (each on fresh pairs drawn without replacement); null: one pass
+    over the data. SePPO's references are the checkpoints written between epochs."""
     empty_prompt_fraction: float = 0.0
     """Fraction of pairs trained with the empty prompt (keeps classifier-free guidance working)."""
     reference_strategy: Literal["initial", "latest", "random"] = "random"
