@@ -16,6 +16,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -199,25 +200,22 @@ def errors(unet, x_t, t, embeds, noise, accelerator) -> torch.Tensor:
     return eps_mse(pred, noise)
 
 
-@torch.no_grad()
-def reference_errors(pipe, reference, x_t, t, embeds, noise, accelerator) -> torch.Tensor:
-    """The reference's errors ``[2B]``: the pretrained UNet (LoRA disabled) when ``reference`` is
-    None, else the UNet with the checkpoint's trainable weights swapped in."""
-    with swapped_in(pipe.unet, reference):
-        return errors(pipe.unet, x_t, t, embeds, noise, accelerator)
+@lru_cache(maxsize=8)
+def checkpoint_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The trainable weights a checkpoint folder holds (cached: a written checkpoint never changes)."""
+    return load_file(str(Path(checkpoint) / "trainable.safetensors"))
 
 
 @contextmanager
-def swapped_in(unet, checkpoint):
-    """Within ``with``: the UNet as the reference ``checkpoint`` (a folder with
-    ``trainable.safetensors``) had it, or the pretrained UNet (LoRA disabled) for None; the
-    trained weights are back afterwards."""
-    if checkpoint is None:
+def swapped_in(unet, weights: dict[str, torch.Tensor] | None):
+    """Within ``with``: the UNet with ``weights`` (a checkpoint's trainable tensors) in place of
+    its trained ones, or the pretrained UNet (LoRA disabled) for None; the trained weights are
+    back afterwards."""
+    if weights is None:
         with adapters_disabled(unet):
             yield unet
         return
     params = dict(unet.named_parameters())
-    weights = load_file(str(Path(checkpoint) / "trainable.safetensors"))
     saved = {name: params[name].detach().clone() for name in weights}
     with torch.no_grad():
         for name, value in weights.items():
@@ -231,37 +229,41 @@ def swapped_in(unet, checkpoint):
 
 
 def dpo_step(learner: Learner, batch: list[Preference], config: Config, run_dir: Path, streams: Streams):
-    """One accumulated Diffusion-DPO or SePPO term on ``batch``; returns its stats."""
+    """Prepare one Diffusion-DPO or SePPO term on ``batch`` without gradient (latents, SePPO's
+    reference sample, the shared t and ε, the reference's errors) and return the closure that
+    computes its loss and stats with gradient, for :meth:`Learner.update`."""
     pipe, accelerator, d = learner.pipe, learner.accelerator, config.dpo
     resolution = config.sample.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     prompts = [
         "" if float(torch.rand(1, generator=streams.prompts)) < d.empty_prompt_fraction else p.prompt
         for p in batch
     ]
+    reference = None
+    if config.algorithm == "seppo":
+        chosen = dpo.choose_reference(
+            list_checkpoints(run_dir), d.reference_strategy, d.reference_pool, streams.sampling
+        )
+        reference = None if chosen is None else checkpoint_weights(str(chosen))
     with torch.no_grad():
         embeds, _ = encode_prompts(pipe, prompts, None, False)
         winners = encode_images(pipe, load_images([p.winner for p in batch], resolution))
-    reference = None
-    if config.algorithm == "seppo":
-        reference = dpo.choose_reference(
-            list_checkpoints(run_dir), d.reference_strategy, d.reference_pool, streams.sampling
-        )
-        with torch.no_grad(), swapped_in(pipe.unet, reference):
-            losers = sample_trajectories(
-                pipe,
-                prompts,
-                num_steps=d.sample_steps,
-                guidance_scale=config.sample.guidance_scale,
-                eta=1.0,
-                generator=streams.sampling,
-                height=resolution,
-                width=resolution,
-            ).latents[:, -1]
-    else:
-        losers = encode_images(pipe, load_images([p.loser for p in batch], resolution))
-    x_t, t, noise = noised_pair(pipe, winners, losers.to(winners.device), streams.sampling)
-    embeds2 = torch.cat([embeds, embeds])
-    ref_w, ref_l = reference_errors(pipe, reference, x_t, t, embeds2, noise, accelerator).chunk(2)
+        if config.algorithm == "dpo":
+            losers = encode_images(pipe, load_images([p.loser for p in batch], resolution))
+        embeds2 = torch.cat([embeds, embeds])
+        with swapped_in(pipe.unet, reference):
+            if config.algorithm == "seppo":  # the loser slot: the reference's own sample
+                losers = sample_trajectories(
+                    pipe,
+                    prompts,
+                    num_steps=d.sample_steps,
+                    guidance_scale=config.sample.guidance_scale,
+                    eta=1.0,
+                    generator=streams.sampling,
+                    height=resolution,
+                    width=resolution,
+                ).latents[:, -1]
+            x_t, t, noise = noised_pair(pipe, winners, losers.to(winners.device), streams.sampling)
+            ref_w, ref_l = errors(pipe.unet, x_t, t, embeds2, noise, accelerator).chunk(2)
 
     def term():
         mse_w, mse_l = errors(learner.unet, x_t, t, embeds2, noise, accelerator).chunk(2)

@@ -39,7 +39,10 @@ class Trajectory:
         negative_prompt_embeds: embeddings of the negative prompt, ``[B, L, D]``, or None when
             sampled without classifier-free guidance.
         latents: states x_T, ..., x_0 of every chain, ``[B, T+1, C, h, w]`` float32;
-            ``latents[:, j]`` is the input of step j and ``latents[:, j+1]`` its action.
+            ``latents[:, j]`` is the input of step j and ``latents[:, j+1]`` its action. For a
+            latent consistency model with H steps, T = H − 1 (the stochastic steps) and
+            ``latents[:, -1]`` is x_{τ_H}, the input of the deterministic last consistency step
+            whose output is decoded to ``images``.
         timesteps: the scheduler timestep of each step, ``[T]`` (long).
         log_probs: log pi(latents[:, j+1] | latents[:, j]) at sampling time, ``[B, T]`` float32;
             None for a deterministic chain (eta = 0), which has no density.

@@ -15,7 +15,7 @@ from diffrl.cli import resolve_train_config
 from diffrl.config import ConfigError, load_config
 from diffrl.errors import InputFileError
 from diffrl.files import read_jsonl
-from diffrl.offline import load_preferences, noised_pair, pickapic_rows, swapped_in
+from diffrl.offline import checkpoint_weights, load_preferences, noised_pair, pickapic_rows, swapped_in
 from diffrl.testing import tiny_sd_pipeline
 from diffrl.trainer import prepare_unet, train
 
@@ -87,7 +87,7 @@ def test_swapped_in_reference_weights_are_restored(tmp_path):
     save_file(
         {n: torch.zeros_like(p) for n, p in trained.items()}, str(tmp_path / "ckpt" / "trainable.safetensors")
     )
-    with swapped_in(pipe.unet, tmp_path / "ckpt"):
+    with swapped_in(pipe.unet, checkpoint_weights(str(tmp_path / "ckpt"))):
         assert all((p == 0).all() for p in trained.values())
     assert all(torch.equal(before[n], p) for n, p in trained.items())
 
