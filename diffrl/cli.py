@@ -1,4 +1,4 @@
-"""Command line: ``diffrl train``, ``diffrl eval``, ``diffrl sample`` and ``diffrl train-value``."""
+"""Command line: ``diffrl train``, ``diffrl eval``, ``diffrl sample``, ``diffrl label`` and ``diffrl train-value``."""
 
 from __future__ import annotations
 
@@ -224,6 +224,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(args: argparse.Namespace) -> int:
+    from diffrl.labeling import label_state, make_server
+
+    server = make_server(args.run_dir, args.host, args.port)
+    host, port = server.server_address[:2]
+    state = label_state(server.run_dir)
+    print(
+        f"diffrl label: http://{host}:{port}/ ({state['labeled']} of {state['total']} groups labeled); "
+        "Ctrl-C stops (every choice is already saved)",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffrl", description="RL fine-tuning and reward-guided sampling for diffusion models."
@@ -283,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples", help="output folder")
     sample.set_defaults(func=_sample)
 
+    label = sub.add_parser(
+        "label",
+        help="serve a local page to label a D3PO run's saved rollouts (d3po.preferences: human)",
+        description="Pick the best and the worst image of each saved rollout group (mouse or number keys; "
+        "T = tie). Labels are appended to RUN_DIR/rollouts/epoch_*/rank_*/labels.jsonl as they are made.",
+    )
+    label.add_argument("run_dir", metavar="RUN_DIR")
+    label.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    label.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    label.set_defaults(func=_label)
+
     value = sub.add_parser("train-value", help="fit SVDD-MC's value network on rollouts of a pipeline")
     value.add_argument("model", metavar="PIPELINE_OR_RUN")
     value.add_argument("--prompts", required=True)
@@ -300,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; errors in the user's input print one line and return 2, a run stopped by a
-    signal returns 128 + the signal number."""
-    from diffrl.errors import DiffrlError, RunStopped
+    signal returns 128 + the signal number, a D3PO run waiting for human labels returns 3."""
+    from diffrl.errors import AwaitingLabels, DiffrlError, RunStopped
 
     args = build_parser().parse_args(argv)
     try:
@@ -312,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as stopped:
         print(f"diffrl: {stopped}", file=sys.stderr)
         return 128 + stopped.signum
+    except AwaitingLabels as waiting:
+        print(f"diffrl: {waiting}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

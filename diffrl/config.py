@@ -438,6 +438,11 @@ def _validate_d3po(config: Config) -> None:
     _require(d.clamp is None or 0 < d.clamp < 1, "d3po.clamp", f"must be in (0, 1) or null, got {d.clamp}")
     _require(d.group_size >= 2, "d3po.group_size", f"must be >= 2 (a pair per prompt), got {d.group_size}")
     _require(
+        d.preferences == "reward" or not d.extra_rewards,
+        "d3po.extra_rewards",
+        "only used with preferences: reward (with human labels the rewards are only logged)",
+    )
+    _require(
         d.reference != "pretrained" or config.model.use_lora,
         "d3po.reference",
         "pretrained needs model.use_lora: true (the reference is the UNet with its LoRA adapters "

@@ -55,3 +55,16 @@ class RunStopped(Exception):
             f"stopped by {signal.Signals(signum).name} after epoch {epoch} (checkpoint saved); "
             f"continue with: diffrl train --resume {run_dir}"
         )
+
+
+class AwaitingLabels(Exception):
+    """D3PO with human preferences reached an epoch whose saved rollouts are not all labeled yet
+    (not an error: label them with ``diffrl label RUN_DIR``, then ``diffrl train --resume RUN_DIR``)."""
+
+    def __init__(self, run_dir: Path, epoch: int, missing: int, total: int):
+        self.run_dir, self.epoch, self.missing, self.total = run_dir, epoch, missing, total
+        super().__init__(
+            f"epoch {epoch}: {missing} of {total} rollout groups in {Path(run_dir) / 'rollouts'} have no "
+            f"label yet; label them with: diffrl label {run_dir}   then continue with: "
+            f"diffrl train --resume {run_dir}"
+        )

@@ -27,12 +27,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from diffrl import rewards
+from diffrl import human, rewards
 from diffrl.algorithms import b2diffurl, d3po, ddpo
 from diffrl.algorithms.ddpo import ppo_loss
 from diffrl.checkpoints import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from diffrl.config import Config, SampleConfig, dump_yaml, to_dict
-from diffrl.errors import ConfigError, NumericalError, RewardError, RunStopped
+from diffrl.errors import AwaitingLabels, ConfigError, NumericalError, RewardError, RunStopped
 from diffrl.files import (
     append_jsonl,
     atomic_write_bytes,
@@ -236,6 +236,44 @@ def sample_epoch(
         t1 = time.perf_counter()
         local_rewards = torch.cat([f.result() for f in futures])
     return trajectories, local_rewards, metadata, t1 - t0, time.perf_counter() - t1
+
+
+def human_rollouts(
+    pipe,
+    config: Config,
+    source,
+    reward_fn,
+    streams: Streams,
+    accelerator,
+    epoch: int,
+    progress,
+    run_dir: Path,
+):
+    """D3PO with human preferences: this process's rollouts of ``epoch``, sampled and saved
+    (:mod:`diffrl.human`) on the first visit and read back from disk on the next; raises
+    :class:`AwaitingLabels` while any process's groups lack a label.
+
+    Returns what :func:`sample_epoch` returns (one trajectory of all samples, parents = groups)
+    and the labeled pairs.
+    """
+    folder = human.rollout_folder(run_dir, epoch, accelerator.process_index)
+    t_sample = t_reward = 0.0
+    if human.is_saved(folder):
+        traj, local_rewards, metadata = human.load_rollouts(folder)
+    else:
+        trajectories, local_rewards, metadata, t_sample, t_reward = sample_epoch(
+            pipe, config, source, reward_fn, streams, accelerator, epoch, progress
+        )
+        traj = human.concat_trajectories(trajectories)
+        human.save_rollouts(folder, traj, local_rewards, metadata)
+    counts = torch.tensor(
+        [len(human.unlabeled(folder)), len(human.read_index(folder)["groups"])], device=accelerator.device
+    )
+    missing, total = accelerator.reduce(counts, "sum").tolist()
+    if missing:
+        raise AwaitingLabels(run_dir, epoch, missing, total)
+    pairs = human.label_pairs(traj.parents, folder)
+    return [traj], local_rewards, metadata, t_sample, t_reward, pairs
 
 
 def metadata_means(metadata: list[dict], valid: torch.Tensor, accelerator) -> dict[str, float]:
@@ -753,10 +791,16 @@ def save_epoch(
 def finish_epoch(
     run_dir: Path, epoch: int, config: Config, pipe, optimizer, reward_stats, streams, accelerator, stop
 ) -> None:
-    """Checkpoint when ``run.save_freq`` says so, after the last epoch, or when a stop signal came;
-    after a signal, end the run with :class:`RunStopped` once that checkpoint is complete."""
+    """Checkpoint when ``run.save_freq`` says so, after the last epoch, when a stop signal came, or
+    after every epoch of D3PO with human labels (a run waits for labels at each epoch); after a signal, end the run with :class:`RunStopped` once that checkpoint is complete."""
     signum = stop.requested(accelerator)
-    if signum or (epoch + 1) % config.run.save_freq == 0 or epoch == config.run.num_epochs - 1:
+    human_labels = config.algorithm == "d3po" and config.d3po.preferences == "human"
+    if (
+        signum
+        or human_labels  # the next epoch's rollouts wait for labels: resume from this policy
+        or (epoch + 1) % config.run.save_freq == 0
+        or epoch == config.run.num_epochs - 1
+    ):
         save_epoch(run_dir, epoch, config, pipe, optimizer, reward_stats, streams, accelerator)
     accelerator.wait_for_everyone()
     if signum:
@@ -847,6 +891,7 @@ def _train_loop(config: Config, accelerator, source, reward_fn, extra_rewards, s
         unet, pipe, optimizer, params, accelerator, NonFiniteGuard(config.train.max_nonfinite_steps), config
     )
     run_dir, start_epoch = open_run(config, accelerator, pipe, optimizer, reward_stats, streams)
+    human_labels = config.algorithm == "d3po" and config.d3po.preferences == "human"
     if start_epoch == 0 and accelerator.is_main_process:
         fixed_sample_grid(pipe, config, source.prompts, reward_fn, run_dir / "samples" / "before.png")
     if start_epoch >= config.run.num_epochs and accelerator.is_main_process:
@@ -855,17 +900,23 @@ def _train_loop(config: Config, accelerator, source, reward_fn, extra_rewards, s
     for epoch in range(start_epoch, config.run.num_epochs):
         # sampling and rewards
         pipe.unet.eval()
-        trajectories, local_rewards, metadata, t_sample, t_reward = sample_epoch(
-            pipe, config, source, reward_fn, streams, accelerator, epoch, progress
-        )
+        if human_labels:
+            trajectories, local_rewards, metadata, t_sample, t_reward, pairs = human_rollouts(
+                pipe, config, source, reward_fn, streams, accelerator, epoch, progress, run_dir
+            )
+        else:
+            trajectories, local_rewards, metadata, t_sample, t_reward = sample_epoch(
+                pipe, config, source, reward_fn, streams, accelerator, epoch, progress
+            )
         prompts = [p for traj in trajectories for p in traj.prompts]
         data = stack_epoch(trajectories)
 
         # training
         t0 = time.perf_counter()
         if config.algorithm == "d3po":
-            scores = preference_scores(trajectories, local_rewards, extra_rewards, config, epoch)
-            pairs = d3po.preferences(scores, data["groups"])
+            if not human_labels:
+                scores = preference_scores(trajectories, local_rewards, extra_rewards, config, epoch)
+                pairs = d3po.preferences(scores, data["groups"])
             all_rewards, trained = (
                 accelerator.gather(local_rewards.to(accelerator.device)).cpu(),
                 pairs.decided,

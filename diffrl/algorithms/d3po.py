@@ -50,8 +50,9 @@ class D3POConfig:
     """Images per prompt sharing x_T; every pair of a group is compared."""
     reference: Literal["pretrained", "sampler"] = "pretrained"
     """π_ref: the pretrained UNet (LoRA disabled) or the policy that sampled the epoch."""
-    preferences: Literal["reward"] = "reward"
-    """Where preferences come from: the reward(s) (AI feedback)."""
+    preferences: Literal["reward", "human"] = "reward"
+    """Where preferences come from: the reward(s) (AI feedback), or people's labels of the saved
+    rollouts (``diffrl label RUN_DIR``; the run checkpoints every epoch and waits for them)."""
     extra_rewards: list[str] = field(default_factory=list)
     """More reward names besides ``reward.name``; a pair has a winner only under Pareto dominance."""
 
