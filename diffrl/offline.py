@@ -251,8 +251,8 @@ def dpo_step(learner: Learner, batch: list[Preference], config: Config, run_dir:
             losers = encode_images(pipe, load_images([p.loser for p in batch], resolution))
         embeds2 = torch.cat([embeds, embeds])
         with swapped_in(pipe.unet, reference):
-            if config.algorithm == "seppo":  # the loser slot: the reference's own sample
-                losers = sample_trajectories(
+            if config.algorithm == "seppo":  # the loser slot: the reference's own image
+                images = sample_trajectories(
                     pipe,
                     prompts,
                     num_steps=d.sample_steps,
@@ -261,14 +261,17 @@ def dpo_step(learner: Learner, batch: list[Preference], config: Config, run_dir:
                     generator=streams.sampling,
                     height=resolution,
                     width=resolution,
-                ).latents[:, -1]
+                ).images
+                # encoded like the data's winners (not the sampler's raw latents), so that the
+                # two sides differ in content, not in how their latents were made
+                losers = encode_images(pipe, images * 2 - 1)
             x_t, t, noise = noised_pair(pipe, winners, losers.to(winners.device), streams.sampling)
             ref_w, ref_l = errors(pipe.unet, x_t, t, embeds2, noise, accelerator).chunk(2)
 
     def term():
         mse_w, mse_l = errors(learner.unet, x_t, t, embeds2, noise, accelerator).chunk(2)
         if config.algorithm == "seppo":
-            inside, signs = dpo.seppo_inside(mse_w, mse_l, ref_w, ref_l, d.beta)
+            inside, signs = dpo.seppo_inside(mse_w, mse_l, ref_w, ref_l, d.beta, d.flipper)
             loss, accuracy = dpo.dpo_loss(inside)
             return loss, {"accuracy": accuracy, "flipped": (signs < 0).float().mean()}
         loss, accuracy = dpo.dpo_loss(dpo.dpo_inside(mse_w, mse_l, ref_w, ref_l, d.beta))

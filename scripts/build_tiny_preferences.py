@@ -1,11 +1,16 @@
 """Offline preference data for Diffusion-DPO and SePPO on the shipped tiny toy-world model.
 
-For each training prompt, samples a few images with the tiny model (4 DDIM steps, eta 1,
-guidance 5), scores them with shapes_alignment and keeps the best (or a render of the prompt) as
-the winner and the worst as the loser; ties are skipped. Writes OUT/images/*.png and
+For each training prompt, samples a few images with the tiny model (DDIM, eta 1, guidance 5),
+scores them with shapes_alignment and keeps a render of the prompt (or the best sample) as the
+winner and the worst sample as the loser; ties are skipped. Writes OUT/images/*.png and
 OUT/pairs.jsonl, the layout `dpo.data` reads (SePPO uses only prompts and winners).
 
-    python scripts/build_tiny_preferences.py --out data/tiny_preferences     # ~1 minute on 2 CPU cores
+The defaults target what the tiny model itself gets wrong: with 20 sampler steps it draws single
+objects almost perfectly, but puts two objects in the stated relation only about half the time.
+So the pairs are two-object prompts, winners are renders (the right relation) and losers are
+20-step samples, which differ from the winner mainly in that relation.
+
+    python scripts/build_tiny_preferences.py --out data/tiny_preferences     # ~5 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="data/tiny_preferences")
-    parser.add_argument("--prompts", default="toy_train_single")
-    parser.add_argument("--repeats", type=int, default=4, help="passes over the prompt set")
+    parser.add_argument("--prompts", default="toy_train_pair")
+    parser.add_argument("--repeats", type=int, default=1, help="passes over the prompt set")
     parser.add_argument("--samples", type=int, default=4, help="images per prompt to choose from")
-    parser.add_argument("--winners", choices=["best", "render"], default="best")
+    parser.add_argument("--winners", choices=["best", "render"], default="render")
+    parser.add_argument("--num-steps", type=int, default=20, help="DDIM steps of the samples")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
@@ -34,7 +40,13 @@ def main() -> None:
         parser.error(f"{out / 'pairs.jsonl'} exists; choose another --out (nothing is overwritten)")
     prompts = load_prompts(args.prompts).prompts * args.repeats
     count = write_toy_preferences(
-        load_pipeline("tiny"), prompts, out, samples=args.samples, winners=args.winners, seed=args.seed
+        load_pipeline("tiny"),
+        prompts,
+        out,
+        samples=args.samples,
+        num_steps=args.num_steps,
+        winners=args.winners,
+        seed=args.seed,
     )
     print(f"wrote {count} preference pairs ({len(prompts) - count} ties skipped) to {out / 'pairs.jsonl'}")
 

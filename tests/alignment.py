@@ -13,11 +13,14 @@ SETTINGS = dict(num_images=96, num_steps=4, guidance_scale=5.0, eta=1.0, seed=7)
 """96 images over the prompts, 4 steps (DDIM eta 1, or the LCM's), guidance 5, seed 7."""
 
 
-def train_and_compare(model: str, config: str, prompts: list[str], tmp_path, *overrides: str):
+def train_and_compare(
+    model: str, config: str, prompts: list[str], tmp_path, *overrides: str, settings: dict = SETTINGS
+):
     """Train ``configs/<config>`` on ``prompts`` (outputs in ``tmp_path``); returns the
-    ``evaluate`` results of ``model`` before and of the trained pipeline after, and the config."""
+    ``evaluate`` results (sampler ``settings``) of ``model`` before and of the trained pipeline
+    after, and the config."""
     reward_fn = rewards.get("shapes_alignment")
-    before = evaluate(load_pipeline(model), prompts, reward_fn, **SETTINGS)
+    before = evaluate(load_pipeline(model), prompts, reward_fn, **settings)
     run_config = resolve_train_config(
         str(ROOT / "configs" / config),
         [
@@ -28,7 +31,7 @@ def train_and_compare(model: str, config: str, prompts: list[str], tmp_path, *ov
         ],
         None,
     )
-    after = evaluate(train(run_config), prompts, reward_fn, **SETTINGS)
+    after = evaluate(train(run_config), prompts, reward_fn, **settings)
     print(f"shapes_alignment {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}")
     return before, after, run_config
 

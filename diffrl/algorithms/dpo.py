@@ -34,7 +34,8 @@ paper from this machine):
                                             treat x^ref as a loser, Diffusion-DPO's term)
 
 s is a decision, not a differentiable quantity (computed without gradient). With s = +1 the loss
-is exactly Diffusion-DPO's with x^ref as the loser.
+is exactly Diffusion-DPO's with x^ref as the loser; ``flipper: false`` keeps s = +1 for every
+sample (the paper's "without flipper" ablation).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class DPOConfig:
     """SePPO: K, the number of newest checkpoints drawn from."""
     sample_steps: int = 20
     """SePPO: DDIM steps (eta 1, ``sample.guidance_scale``) of the reference's samples x^ref."""
+    flipper: bool = True
+    """SePPO: the anchor-based flipper chooses each sample's sign; false: s = +1 always (x^ref is
+    always the loser, the paper's ablation without the flipper)."""
 
 
 def dpo_inside(
@@ -94,11 +98,17 @@ def seppo_signs(mse_w: torch.Tensor, ref_w: torch.Tensor) -> torch.Tensor:
 
 
 def seppo_inside(
-    mse_w: torch.Tensor, mse_r: torch.Tensor, ref_w: torch.Tensor, ref_r: torch.Tensor, beta: float
+    mse_w: torch.Tensor,
+    mse_r: torch.Tensor,
+    ref_w: torch.Tensor,
+    ref_r: torch.Tensor,
+    beta: float,
+    flipper: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SePPO's ``inside = −½·β·(Δ_w − s·Δ_r)`` ``[B]`` and the signs s ``[B]``; errors ``[B]``
-    of the winner (w) and the reference's sample (r) under the policy and the reference."""
-    signs = seppo_signs(mse_w, ref_w)
+    of the winner (w) and the reference's sample (r) under the policy and the reference; without
+    the ``flipper`` s = +1."""
+    signs = seppo_signs(mse_w, ref_w) if flipper else torch.ones_like(mse_w)
     return -0.5 * beta * ((mse_w - ref_w) - signs * (mse_r - ref_r)), signs
 
 
