@@ -1,4 +1,4 @@
-"""Command line: ``diffrl train``, ``diffrl eval``, ``diffrl sample``, ``diffrl label`` and ``diffrl train-value``."""
+"""Command line: ``diffrl train``, ``eval``, ``sample``, ``label``, ``report`` and ``train-value``."""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ Any key can be overridden after the file as section.key=value, the value parsed 
 
 Unknown keys, wrong types and out-of-range values are reported before any model loads.
 The run folder (run.output_dir/run.name) receives config.yaml, metrics.jsonl, samples/,
-reward_curve.png, checkpoints/ and lora/. --resume RUN_DIR_OR_CHECKPOINT continues a run at the
+reward_curve.png, report.html (diffrl report RUN_DIR rewrites it), checkpoints/ and lora/. --resume RUN_DIR_OR_CHECKPOINT continues a run at the
 epoch after its newest complete checkpoint (with the run's own config.yaml when CONFIG is omitted).
 Ctrl-C or SIGTERM finishes the current epoch, saves a checkpoint and exits (a second one stops at
 once). Errors and faults: docs/errors.md.
@@ -244,6 +244,16 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from diffrl.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+    print(write_report(run_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffrl", description="RL fine-tuning and reward-guided sampling for diffusion models."
@@ -313,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     label.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     label.set_defaults(func=_label)
+
+    report = sub.add_parser(
+        "report", help="(re)write RUN_DIR/report.html: curves, fixed-seed sample grids, config"
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(func=_report)
 
     value = sub.add_parser("train-value", help="fit SVDD-MC's value network on rollouts of a pipeline")
     value.add_argument("model", metavar="PIPELINE_OR_RUN")

@@ -31,6 +31,7 @@ from diffrl.config import Config
 from diffrl.errors import ConfigError, InputFileError
 from diffrl.files import append_jsonl, line_chart, read_jsonl, save_png
 from diffrl.ops import eps_mse
+from diffrl.report import write_report
 from diffrl.rollout import encode_prompts, sample_trajectories
 from diffrl.trainer import (
     Learner,
@@ -338,8 +339,11 @@ def train_offline(config: Config, accelerator, reward_fn, stop) -> object:
             append_jsonl(run_dir / "metrics.jsonl", record)
             curve = [r["accuracy"] for r in read_jsonl(run_dir / "metrics.jsonl")]
             save_png(line_chart(curve, "implicit accuracy per epoch"), run_dir / "accuracy_curve.png")
+            if epoch == config.run.num_epochs // 2:
+                fixed_sample_grid(pipe, config, grid_prompts, reward_fn, run_dir / "samples" / "middle.png")
         finish_epoch(run_dir, epoch, config, pipe, optimizer, None, streams, accelerator, stop)
     if accelerator.is_main_process:
         fixed_sample_grid(pipe, config, grid_prompts, reward_fn, run_dir / "samples" / "after.png")
+        write_report(run_dir)
     accelerator.end_training()
     return pipe

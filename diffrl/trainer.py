@@ -44,6 +44,7 @@ from diffrl.files import (
 )
 from diffrl.pipelines import inspect_pipeline, load_pipeline
 from diffrl.prompts import load_prompts
+from diffrl.report import write_report
 from diffrl.rollout import Transition, sample_branches
 from diffrl.stat_tracking import PerPromptStatTracker
 from diffrl.types import Trajectory
@@ -292,7 +293,8 @@ def metadata_means(metadata: list[dict], valid: torch.Tensor, accelerator) -> di
 
 def fixed_sample_grid(pipe, config: Config, prompts: list[str], reward_fn, path: Path) -> None:
     """A grid of the first 16 of ``prompts`` sampled from a fixed seed, with rewards: written
-    before training (``samples/before.png``) and after it (``samples/after.png``)."""
+    before training (``samples/before.png``), after the middle epoch (``samples/middle.png``) and
+    after training (``samples/after.png``); ``report.html`` shows them side by side."""
     prompts = [prompts[i % len(prompts)] for i in range(16)]
     traj = sample_batch(pipe, config.sample, prompts, torch.Generator().manual_seed(config.run.seed))
     values = score_batch(reward_fn, traj, [{} for _ in prompts], config, 0, f"sample grid {path.name}")
@@ -795,6 +797,8 @@ def finish_epoch(
     after every epoch of D3PO with human labels (a run waits for labels at each epoch); after a signal, end the run with :class:`RunStopped` once that checkpoint is complete."""
     signum = stop.requested(accelerator)
     human_labels = config.algorithm == "d3po" and config.d3po.preferences == "human"
+    if accelerator.is_main_process:
+        write_report(run_dir)
     if (
         signum
         or human_labels  # the next epoch's rollouts wait for labels: resume from this policy
@@ -965,9 +969,12 @@ def _train_loop(config: Config, accelerator, source, reward_fn, extra_rewards, s
         # outputs and checkpoint
         if accelerator.is_main_process:
             write_epoch_outputs(run_dir, epoch, record, trajectories[0], local_rewards)
+            if epoch == config.run.num_epochs // 2:
+                fixed_sample_grid(pipe, config, source.prompts, reward_fn, run_dir / "samples" / "middle.png")
         finish_epoch(run_dir, epoch, config, pipe, optimizer, reward_stats, streams, accelerator, stop)
     if accelerator.is_main_process:
         fixed_sample_grid(pipe, config, source.prompts, reward_fn, run_dir / "samples" / "after.png")
+        write_report(run_dir)
     accelerator.end_training()
     return pipe
 

@@ -4,7 +4,6 @@ the whole path driven in headless Chromium (label, kill the server, restart, fin
 import http.client
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,18 +23,9 @@ from diffrl.files import read_jsonl
 from diffrl.labeling import make_server
 from diffrl.trainer import stack_epoch, step_log_prob, train
 from diffrl.types import Trajectory
+from tests.browser import launch, needs_chromium
 
 ROOT = Path(__file__).parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WIN, LOSE, TIE = [1.0, -1.0], [-1.0, 1.0], [0.0, 0.0]
 
 
@@ -223,10 +213,7 @@ def wait_progress(page, labeled: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not Path(CHROMIUM).exists() and not os.environ.get("DIFFRL_REQUIRE_BROWSER"),
-    reason="Debian's chromium is not installed (.ci/run installs it)",
-)
+@needs_chromium
 def test_label_page_end_to_end_then_train_from_the_labels(tmp_path):
     config = str(ROOT / "configs" / "d3po" / "tiny_human.yaml")
     overrides = [f"run.output_dir={tmp_path}", "run.num_epochs=1", "sample.batch_size=4"]
@@ -236,7 +223,7 @@ def test_label_page_end_to_end_then_train_from_the_labels(tmp_path):
     assert human.is_saved(folder) and human.unlabeled(folder) == [0, 1, 2, 3]
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        browser = launch(p)
         page = browser.new_page()
         proc, url = start_label_server(run_dir)
         try:
