@@ -239,6 +239,11 @@ def sample_epoch(
     return trajectories, local_rewards, metadata, t1 - t0, time.perf_counter() - t1
 
 
+def human_labels(config: Config) -> bool:
+    """Whether the run is D3PO from human labels (rollouts saved, each epoch waits for labels)."""
+    return config.algorithm == "d3po" and config.d3po.preferences == "human"
+
+
 def human_rollouts(
     pipe,
     config: Config,
@@ -796,12 +801,11 @@ def finish_epoch(
     """Checkpoint when ``run.save_freq`` says so, after the last epoch, when a stop signal came, or
     after every epoch of D3PO with human labels (a run waits for labels at each epoch); after a signal, end the run with :class:`RunStopped` once that checkpoint is complete."""
     signum = stop.requested(accelerator)
-    human_labels = config.algorithm == "d3po" and config.d3po.preferences == "human"
     if accelerator.is_main_process:
         write_report(run_dir)
     if (
         signum
-        or human_labels  # the next epoch's rollouts wait for labels: resume from this policy
+        or human_labels(config)  # the next epoch's rollouts wait for labels: resume from this policy
         or (epoch + 1) % config.run.save_freq == 0
         or epoch == config.run.num_epochs - 1
     ):
@@ -895,7 +899,6 @@ def _train_loop(config: Config, accelerator, source, reward_fn, extra_rewards, s
         unet, pipe, optimizer, params, accelerator, NonFiniteGuard(config.train.max_nonfinite_steps), config
     )
     run_dir, start_epoch = open_run(config, accelerator, pipe, optimizer, reward_stats, streams)
-    human_labels = config.algorithm == "d3po" and config.d3po.preferences == "human"
     if start_epoch == 0 and accelerator.is_main_process:
         fixed_sample_grid(pipe, config, source.prompts, reward_fn, run_dir / "samples" / "before.png")
     if start_epoch >= config.run.num_epochs and accelerator.is_main_process:
@@ -904,7 +907,7 @@ def _train_loop(config: Config, accelerator, source, reward_fn, extra_rewards, s
     for epoch in range(start_epoch, config.run.num_epochs):
         # sampling and rewards
         pipe.unet.eval()
-        if human_labels:
+        if human_labels(config):
             trajectories, local_rewards, metadata, t_sample, t_reward, pairs = human_rollouts(
                 pipe, config, source, reward_fn, streams, accelerator, epoch, progress, run_dir
             )
@@ -918,7 +921,7 @@ def _train_loop(config: Config, accelerator, source, reward_fn, extra_rewards, s
         # training
         t0 = time.perf_counter()
         if config.algorithm == "d3po":
-            if not human_labels:
+            if not human_labels(config):
                 scores = preference_scores(trajectories, local_rewards, extra_rewards, config, epoch)
                 pairs = d3po.preferences(scores, data["groups"])
             all_rewards, trained = (
