@@ -229,8 +229,10 @@ def test_label_page_end_to_end_then_train_from_the_labels(tmp_path):
         try:
             page.goto(url)
             wait_progress(page, 0)
-            loaded = page.evaluate("[...document.images].map(i => i.complete && i.naturalWidth)")
-            assert loaded == [32, 32]
+            page.wait_for_function(
+                "document.images.length > 0 && [...document.images].every(i => i.complete)", timeout=20_000
+            )
+            assert page.evaluate("[...document.images].map(i => i.naturalWidth)") == [32, 32]  # loaded
             page.click("figure[data-index='1']")  # group 0: image 2 is best, so image 1 is worst
             wait_progress(page, 1)
             page.keyboard.press("1")  # group 1: image 1 is best
