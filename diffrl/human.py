@@ -50,26 +50,6 @@ def is_saved(folder: Path) -> bool:
     return all((folder / name).is_file() for name in ROLLOUT_FILES)
 
 
-def concat_trajectories(trajectories: list[Trajectory]) -> Trajectory:
-    """One trajectory of all samples, the groups (``parents``) numbered on across batches."""
-    parents, offset = [], 0
-    for t in trajectories:
-        own = torch.arange(len(t)) if t.parents is None else t.parents
-        parents.append(own + offset)
-        offset += int(own.max()) + 1
-    negative = [t.negative_prompt_embeds for t in trajectories]
-    return Trajectory(
-        prompts=[p for t in trajectories for p in t.prompts],
-        prompt_embeds=torch.cat([t.prompt_embeds for t in trajectories]),
-        negative_prompt_embeds=None if negative[0] is None else torch.cat(negative),
-        latents=torch.cat([t.latents for t in trajectories]),
-        timesteps=trajectories[0].timesteps,
-        log_probs=torch.cat([t.log_probs for t in trajectories]),
-        images=torch.cat([t.images for t in trajectories]),
-        parents=torch.cat(parents),
-    )
-
-
 def save_rollouts(folder: Path, traj: Trajectory, rewards: torch.Tensor, metadata: list[dict]) -> None:
     """Write one process's epoch of rollouts (``traj`` with ``parents`` = groups, ``rewards [N]``,
     the rewards' metadata) to ``folder``, all at once (temporary folder, then rename)."""

@@ -45,7 +45,7 @@ from diffrl.files import (
 from diffrl.pipelines import inspect_pipeline, load_pipeline
 from diffrl.prompts import load_prompts
 from diffrl.report import write_report
-from diffrl.rollout import Transition, sample_branches
+from diffrl.rollout import Transition, concat_trajectories, sample_branches
 from diffrl.stat_tracking import PerPromptStatTracker
 from diffrl.types import Trajectory
 
@@ -270,7 +270,7 @@ def human_rollouts(
         trajectories, local_rewards, metadata, t_sample, t_reward = sample_epoch(
             pipe, config, source, reward_fn, streams, accelerator, epoch, progress
         )
-        traj = human.concat_trajectories(trajectories)
+        traj = concat_trajectories(trajectories)
         human.save_rollouts(folder, traj, local_rewards, metadata)
     counts = torch.tensor(
         [len(human.unlabeled(folder)), len(human.read_index(folder)["groups"])], device=accelerator.device
@@ -309,19 +309,14 @@ def fixed_sample_grid(pipe, config: Config, prompts: list[str], reward_fn, path:
 
 def stack_epoch(trajectories) -> dict[str, torch.Tensor]:
     """Concatenate an epoch's trajectories into training tensors (N = all local samples)."""
-    neg = [t.negative_prompt_embeds for t in trajectories]
-    groups, offset = [], 0
-    for t in trajectories:
-        parents = torch.arange(len(t)) if t.parents is None else t.parents
-        groups.append(parents + offset)
-        offset += int(parents.max()) + 1
+    traj = concat_trajectories(trajectories)
     return {
-        "latents": torch.cat([t.latents for t in trajectories]),  # [N, T+1, C, h, w]
-        "log_probs": torch.cat([t.log_probs for t in trajectories]),  # [N, T]
-        "prompt_embeds": torch.cat([t.prompt_embeds for t in trajectories]),  # [N, L, D]
-        "negative_prompt_embeds": None if neg[0] is None else torch.cat(neg),  # [N, L, D]
-        "timesteps": trajectories[0].timesteps,  # [T]
-        "groups": torch.cat(groups),  # [N] sibling group (shared trunk) of each sample
+        "latents": traj.latents,  # [N, T+1, C, h, w]
+        "log_probs": traj.log_probs,  # [N, T]
+        "prompt_embeds": traj.prompt_embeds,  # [N, L, D]
+        "negative_prompt_embeds": traj.negative_prompt_embeds,  # [N, L, D] or None
+        "timesteps": traj.timesteps,  # [T]
+        "groups": traj.parents,  # [N] sibling group (shared trunk) of each sample
     }
 
 
