@@ -66,6 +66,10 @@ class SampleConfig:
     """Image side in pixels (default: the model's native size)."""
     negative_prompt: str = ""
     """Prompt of the unconditional branch of guidance."""
+    merge_lora: bool = False
+    """Fold each LoRA update into its base weight while an epoch samples (one matmul per layer
+    instead of three) and restore the exact base weights for training. The sampler's log-probs then
+    differ from the training pass's by float rounding, which the trainer's ratio check measures."""
 
 
 @dataclass
@@ -90,6 +94,11 @@ class TrainConfig:
     """Passes over each epoch's samples."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's T steps trained, in (0, 1]."""
+    timesteps_per_pass: int = 1
+    """Trained timesteps of a minibatch computed in one forward/backward pass (a batch of
+    train.batch_size × this). The update is the same for any value (the policy does not change
+    inside an accumulation window; only the float summation order differs); larger values run
+    small models much faster, and cost that many times the activation memory."""
     cfg: bool = True
     """Use classifier-free guidance in the training forward pass (the policy is the guided eps)."""
     adv_clip_max: float = 5.0
@@ -356,6 +365,9 @@ def validate(config: Config) -> Config:
     _require(t.adam_weight_decay >= 0, "train.adam_weight_decay", f"must be >= 0, got {t.adam_weight_decay}")
     for key, value in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
         _require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
+    _require(
+        t.timesteps_per_pass >= 1, "train.timesteps_per_pass", f"must be >= 1, got {t.timesteps_per_pass}"
+    )
     _require(
         0 < t.timestep_fraction <= 1,
         "train.timestep_fraction",

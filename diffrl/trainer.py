@@ -212,6 +212,27 @@ def score_batch(reward_fn, traj: Trajectory, metadata: list[dict], config: Confi
     )
 
 
+@contextmanager
+def lora_merged(unet, enabled: bool):
+    """Within: every LoRA layer's update folded into its base weight (peft ``merge``); after: the
+    adapters unmerged and the base weights restored bit for bit from a copy (unmerging alone
+    subtracts the update again and leaves rounding behind)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)] if enabled else []
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    with torch.no_grad():
+        for layer in layers:
+            layer.merge()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved):
+                layer.unmerge()
+                layer.get_base_layer().weight.copy_(weight)
+
+
 def sample_epoch(
     pipe, config: Config, source, reward_fn, streams: Streams, accelerator, epoch: int, progress
 ):
@@ -226,7 +247,7 @@ def sample_epoch(
     with ThreadPoolExecutor(max_workers=1) as pool:
         for _ in tqdm(range(s.num_batches_per_epoch), desc="sampling", disable=not progress, leave=False):
             prompts = source.sample(s.batch_size, streams.prompts)
-            with accelerator.autocast():
+            with accelerator.autocast(), lora_merged(pipe.unet, s.merge_lora):
                 traj = sample_batch(pipe, s, prompts, streams.sampling, branching(config, epoch))
             trajectories.append(traj)
             batch_metadata = [{} for _ in traj.prompts]
@@ -531,6 +552,12 @@ class Learner:
         return {"loss": loss.item(), **{k: float(v) for k, v in stats.items()}}
 
 
+def pass_rows(rows: torch.Tensor, cols: torch.Tensor, step_order: torch.Tensor):
+    """One training pass: minibatch ``rows [B]`` at their trained steps number ``cols [k]`` (each row
+    has its own step order ``step_order [N, S]``) -> (items ``[B·k]``, steps ``[B·k]``), step-major."""
+    return rows.repeat(len(cols)), step_order[rows][:, cols].T.reshape(-1)
+
+
 def update_epoch(
     learner: Learner,
     trained: torch.Tensor,
@@ -545,33 +572,50 @@ def update_epoch(
     """The update phase shared by the algorithms: ``num_inner_epochs`` passes over the items with
     ``trained [M]`` True (samples for PPO, pairs for D3PO), shuffled, in minibatches of
     ``train.batch_size``; each item's steps ``first_step..num_steps-1`` in its own random order
-    (``timestep_fraction`` of them), one accumulated term per (minibatch, step):
-    ``term(items [B], steps [B], valid [B]) -> (loss, stats)``. ``check(items, steps)`` runs once
-    before the first update. Returns the mean of every stat and ``skipped_steps``."""
+    (``timestep_fraction`` of them), one accumulated term per (minibatch, pass):
+    ``term(items [B·k], steps [B·k], valid [B·k]) -> (loss, stats)`` over k = ``timesteps_per_pass``
+    of the item's trained steps at once (the rows are the minibatch repeated k times). A pass's loss
+    is weighted by its share of the steps, so the accumulated gradient is that of one term per
+    (minibatch, step) for any k. ``check(items, steps)`` runs once before the first update.
+    Returns the mean of every stat and ``skipped_steps``."""
     t, accelerator = learner.config.train, learner.accelerator
     index, valid = training_samples(trained, t.batch_size * t.gradient_accumulation_steps, accelerator)
     span = num_steps - first_step
     num_train_steps = int(span * t.timestep_fraction)
-    accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps * num_train_steps
+    passes = torch.arange(num_train_steps).split(t.timesteps_per_pass)
+    accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps * len(passes)
     accelerator.step = 0  # whole optimizer steps per epoch; the accumulation length may change between epochs
     learner.pipe.scheduler.set_timesteps(learner.config.sample.num_steps, device=accelerator.device)
     totals: dict[str, float] = {}
     terms, skipped_before = 0, learner.guard.skipped
     learner.unet.train()
+
+    def weighted(items, steps, ok, weight):
+        loss, stats = term(items, steps, ok)
+        return loss * weight, stats
+
     for inner in range(t.num_inner_epochs):
         order = torch.randperm(len(index), generator=streams.shuffle)
         step_order = first_step + torch.stack(
             [torch.randperm(span, generator=streams.shuffle) for _ in range(len(index))]
         )
         batches = order.split(t.batch_size)
-        if inner == 0 and check is not None:
-            check(index[batches[0]], step_order[batches[0], 0])
+        if inner == 0 and check is not None:  # shaped like the first pass
+            items, steps = pass_rows(batches[0], passes[0], step_order)
+            check(index[items], steps)
         for b, rows in enumerate(tqdm(batches, desc="training", disable=not progress, leave=False)):
-            for j in range(num_train_steps):
+            for cols in passes:
+                items, steps = pass_rows(rows, cols, step_order)
                 stats = learner.update(
-                    partial(term, index[rows], step_order[rows, j], valid[rows]),
+                    partial(
+                        weighted,
+                        index[items],
+                        steps,
+                        valid[items],
+                        len(cols) * len(passes) / num_train_steps,
+                    ),
                     f"epoch {epoch}, inner epoch {inner}",
-                    f"minibatch {b}, trained timestep {j}",
+                    f"minibatch {b}, trained timesteps {int(cols[0])}..{int(cols[-1])}",
                 )
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v

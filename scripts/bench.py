@@ -15,13 +15,18 @@ interleaved (A, B, A, B, ...) in one process; medians over repeats:
       SMC, SVDD-PM and SVDD-MC on the shipped tiny model against ``shapes_alignment`` (held-out
       prompts): mean reward, diversity, wall time.
 
-  (e) RLCM against DDPO: full training epochs (sampling, rewards, PPO updates) through
-      ``diffrl.trainer.train`` on the shipped tiny LCM (H consistency steps) and the tiny SD model it
-      was distilled from (T DDIM steps), same prompts, batch sizes and reward: seconds per epoch and
-      per 1,000 reward queries (medians over epochs after the first).
+  (e) every training method's full epochs (sampling, rewards, updates) through
+      ``diffrl.trainer.train`` on the shipped tiny models (RLCM: tiny-lcm with H consistency
+      steps; the others: tiny with T DDIM steps), the same images per epoch (D3PO's groups and
+      B²-DiffuRL's branches included; Diffusion-DPO and SePPO: one pass over the same pairs):
+      images/s sampling and for the whole epoch, seconds per 1,000 reward queries, peak memory
+      (each method in its own process; medians over epochs after the first).
+
+  (f) SVDD-PM's cost against M (candidates per step): UNet and reward evaluations per image,
+      images/s, mean reward, peak memory.
 
 Target: (a), (b) <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--branches 4] [--repeats 5]
-[--M 8] [--lcm-steps 4] [--epochs 4] [--json out.json]
+[--M 8] [--lcm-steps 4] [--epochs 4] [--svdd-M 1 2 4 8 16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from measure import isolated, queries_per_epoch
 
 from diffrl import rewards
 from diffrl.config import load_config
@@ -185,46 +191,105 @@ def bench_guidance(m: int, steps: int = 4, seed: int = 0) -> list[dict]:
     return rows
 
 
-def bench_rlcm(ddpo_steps: int, lcm_steps: int, batch: int, epochs: int) -> list[dict]:
-    """Table (e): DDPO on ``tiny`` and RLCM on ``tiny-lcm``, same prompts, batches and reward."""
-    rows = []
-    for method, config_file, steps in [
-        ("DDPO", "configs/ddpo/tiny_alignment.yaml", ddpo_steps),
-        ("RLCM", "configs/rlcm/tiny_alignment.yaml", lcm_steps),
-    ]:
-        with tempfile.TemporaryDirectory() as out:
-            config = load_config(
-                ROOT / config_file,
-                [
-                    f"sample.num_steps={steps}",
-                    f"sample.batch_size={batch}",
-                    "sample.num_batches_per_epoch=1",
-                    f"train.batch_size={batch // 2}",
-                    "train.gradient_accumulation_steps=1",
-                    "prompts.source=toy_train_single",
-                    f"run.num_epochs={epochs}",
-                    "run.save_freq=1000",
-                    f"run.output_dir={out}",
-                    "run.name=bench",
-                ],
-            )
-            train(config)
-            records = read_jsonl(Path(out) / "bench" / "metrics.jsonl")[1:]  # the first epoch warms up
-        epoch_seconds = statistics.median(
-            r["time_sampling"] + r["time_reward"] + r["time_training"] for r in records
+METHOD_CONFIGS = {
+    "DDPO": "ddpo/tiny_alignment.yaml",
+    "D3PO": "d3po/tiny_alignment.yaml",
+    "B²-DiffuRL": "b2diffurl/tiny_alignment.yaml",
+    "RLCM": "rlcm/tiny_alignment.yaml",
+    "Diffusion-DPO": "dpo/tiny_alignment.yaml",
+    "SePPO": "seppo/tiny_alignment.yaml",
+}
+
+
+def method_epochs(method: str, steps: int, images: int, epochs: int, data: str) -> dict:
+    """Table (e), one row (run in its own process): ``epochs`` full epochs of the method's tiny
+    config through ``diffrl.trainer.train`` with ``images`` sampled and scored per online epoch
+    (D3PO's groups and B²-DiffuRL's branches included) or one pass over the pairs in ``data``."""
+    from diffrl.trainer import branching
+
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [
+            f"sample.num_steps={steps}",
+            "sample.num_batches_per_epoch=1",
+            "prompts.source=toy_train_single",
+            f"run.num_epochs={epochs}",
+            "run.save_freq=1",
+            f"run.output_dir={out}",
+            "run.name=bench",
+            f"dpo.data={data}",
+            f"dpo.sample_steps={steps}",
+        ]
+        config = load_config(ROOT / "configs" / METHOD_CONFIGS[method], overrides)
+        per_image = branching(config, 0)[1]
+        config = load_config(
+            ROOT / "configs" / METHOD_CONFIGS[method],
+            [*overrides, f"sample.batch_size={images // per_image}"],
         )
-        rows.append(
-            {
-                "method": method,
-                "model": config.model.pretrained,
-                "steps": steps,
-                "trained_steps": steps - 1 if method == "RLCM" else steps,
-                "epoch_seconds": epoch_seconds,
-                "sampling_seconds": statistics.median(r["time_sampling"] for r in records),
-                "seconds_per_1000_queries": epoch_seconds / batch * 1000,
-            }
+        train(config)
+        records = read_jsonl(Path(out) / "bench" / "metrics.jsonl")[1:]  # the first epoch warms up
+    offline = method in ("Diffusion-DPO", "SePPO")
+    epoch_seconds = statistics.median(
+        r.get("time_sampling", 0) + r.get("time_reward", 0) + r["time_training"] for r in records
+    )
+    # an offline epoch trains on winner and loser (SePPO: its reference's sample) of every pair
+    count = 2 * records[0]["num_pairs"] if offline else queries_per_epoch(config)
+    sampling = None if offline else statistics.median(r["time_sampling"] for r in records)
+    return {
+        "method": method,
+        "model": config.model.pretrained,
+        "steps": steps,
+        "images_per_epoch": count,
+        "epoch_seconds": epoch_seconds,
+        "epoch_images_per_second": count / epoch_seconds,
+        "sampling_images_per_second": None if sampling is None else count / sampling,
+        "seconds_per_1000_queries": None if offline else epoch_seconds / count * 1000,
+    }
+
+
+def bench_methods(steps: int, lcm_steps: int, images: int, epochs: int) -> list[dict]:
+    """Table (e): every training method's full epochs on the shipped tiny models (tiny-lcm with
+    ``lcm_steps`` for RLCM, ``steps`` DDIM steps for the rest), each in its own process for its
+    peak memory; the offline methods share pairs built from ``images`` training prompts."""
+    from diffrl.offline import write_toy_preferences
+
+    with tempfile.TemporaryDirectory() as data:
+        write_toy_preferences(
+            load_pipeline("tiny"),
+            load_prompts("toy_train_single").prompts[:images],
+            Path(data),
+            num_steps=steps,
         )
-    return rows
+        return [
+            isolated(method_epochs, method, lcm_steps if method == "RLCM" else steps, images, epochs, data)
+            for method in METHOD_CONFIGS
+        ]
+
+
+def svdd_at(m: int, steps: int) -> dict:
+    """Table (f), one row (run in its own process): SVDD-PM with M candidates per step on the
+    held-out one-object prompts: UNet and reward evaluations per image, images/s, mean reward."""
+    pipe, reward_fn = load_pipeline("tiny"), rewards.get("shapes_alignment")
+    prompts = load_prompts("toy_heldout_single").prompts[::2]
+    value = svdd.posterior_mean_value(reward_fn)
+    start = time.perf_counter()
+    out = svdd.svdd(
+        pipe,
+        prompts,
+        value,
+        num_candidates=m,
+        num_steps=steps,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    seconds = time.perf_counter() - start
+    values = reward_fn(out.images, prompts, [{} for _ in prompts])
+    return {
+        "M": m,
+        "unet_per_image": out.unet_calls / len(prompts),
+        "reward_queries_per_image": m * (steps - 1) if m > 1 else 0,
+        "images_per_second": len(prompts) / seconds,
+        "reward_mean": values.mean().item(),
+    }
 
 
 def main() -> None:
@@ -238,6 +303,8 @@ def main() -> None:
     parser.add_argument("--M", type=int, default=8)
     parser.add_argument("--lcm-steps", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--svdd-M", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--guided-steps", type=int, default=4, help="sampler steps of (d) and (f)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = bench(args.steps, args.batch, args.branches, args.repeats)
@@ -248,6 +315,7 @@ def main() -> None:
     print(
         f"| rollout | {med['rollout']:.4f} | {med['bare_forward']:.4f} | {result['rollout_ratio']:.3f} | <= 1.05 |"
     )
+    print(f"(sampling: {args.batch / med['rollout']:.1f} images/s)")
     print(
         f"| training step | {med['train_step']:.4f} | {med['bare_backward']:.4f} | {result['train_ratio']:.3f} | <= 1.05 |"
     )
@@ -257,7 +325,7 @@ def main() -> None:
         f"{args.steps // 2}): {images / med['branch_sampling']:.1f} images/s vs plain {images / med['plain_sampling']:.1f} "
         f"images/s ({result['branch_speedup']:.2f}x)"
     )
-    result["guidance"] = bench_guidance(args.M)
+    result["guidance"] = bench_guidance(args.M, args.guided_steps)
     print(
         f"\nreward-guided sampling on the tiny model, {len(result['guidance']) - 1} methods, shapes_alignment"
     )
@@ -271,18 +339,30 @@ def main() -> None:
             )
         else:
             print(f"| {row['method']} | | | | {row['seconds']:.1f} |")
-    result["rlcm"] = bench_rlcm(args.steps, args.lcm_steps, args.batch * 4, args.epochs)
+    result["methods"] = bench_methods(args.steps, args.lcm_steps, args.batch * 4, args.epochs)
     print(
-        f"\nRLCM vs DDPO, full epochs of {args.batch * 4} images (shapes_alignment), median over {args.epochs - 1} epochs"
+        f"\nfull training epochs of {args.batch * 4} images (shapes_alignment), median over {args.epochs - 1} epochs"
     )
     print(
-        "| method | model | sampler steps (trained) | s / epoch | sampling s / epoch | s / 1,000 reward queries |"
+        "| method | model | sampler steps | images / epoch | sampling images/s | epoch images/s "
+        "| s / 1,000 reward queries | peak memory (MB) |"
     )
-    print("|---|---|---|---|---|---|")
-    for row in result["rlcm"]:
+    print("|---|---|---|---|---|---|---|---|")
+    for row in result["methods"]:
+        sampling, per_1000 = row["sampling_images_per_second"], row["seconds_per_1000_queries"]
         print(
-            f"| {row['method']} | {row['model']} | {row['steps']} ({row['trained_steps']}) | {row['epoch_seconds']:.2f} "
-            f"| {row['sampling_seconds']:.2f} | {row['seconds_per_1000_queries']:.1f} |"
+            f"| {row['method']} | {row['model']} | {row['steps']} | {row['images_per_epoch']} "
+            f"| {'–' if sampling is None else f'{sampling:.1f}'} | {row['epoch_images_per_second']:.1f} "
+            f"| {'–' if per_1000 is None else f'{per_1000:.1f}'} | {row['peak_memory_mb']:.0f} |"
+        )
+    result["svdd"] = [isolated(svdd_at, m, args.guided_steps) for m in args.svdd_M]
+    print(f"\nSVDD-PM against M ({args.guided_steps} steps, held-out one-object prompts)")
+    print("| M | UNet evals / image | reward queries / image | images/s | mean reward | peak memory (MB) |")
+    print("|---|---|---|---|---|---|")
+    for row in result["svdd"]:
+        print(
+            f"| {row['M']} | {row['unet_per_image']:.0f} | {row['reward_queries_per_image']} "
+            f"| {row['images_per_second']:.1f} | {row['reward_mean']:.3f} | {row['peak_memory_mb']:.0f} |"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -34,14 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
-import resource
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from measure import isolated, queries_per_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,24 +56,16 @@ SAMPLES_PER_PROMPT = 4
 """Offline data: images scored per training prompt to choose a pair from."""
 
 
-def peak_memory_mb() -> float:
-    """This process's peak: CUDA memory allocated if CUDA was used, else the resident set (MB)."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
-
-
-def train_config(method: str, args, seed: int, out: str, epochs: int, data: str | None):
-    """The method's tiny config on the comparison's task, prompts, seed and epochs."""
+def train_config(method: str, args, seed: int, out: str, epochs: int | None, data: str | None):
+    """The method's tiny config on the comparison's task, prompts and seed, with ``epochs`` (None:
+    the config's own)."""
     from diffrl.config import load_config
 
     overrides = [
         f"prompts.source={args.train_prompts}",
         f"sample.num_steps={args.steps}",
         f"run.seed={seed}",
-        f"run.num_epochs={epochs}",
+        *([f"run.num_epochs={epochs}"] if epochs is not None else []),
         "run.save_freq=1000000",
         f"run.output_dir={out}",
         "run.name=run",
@@ -87,14 +78,6 @@ def train_config(method: str, args, seed: int, out: str, epochs: int, data: str 
             "run.keep_last=7",
         ]
     return load_config(ROOT / "configs" / {**ONLINE, **OFFLINE}[method], overrides)
-
-
-def images_per_epoch(config) -> int:
-    """Reward queries of one online epoch: prompts per batch × images per prompt × batches."""
-    from diffrl.trainer import branching
-
-    s = config.sample
-    return s.batch_size * branching(config, 0)[1] * s.num_batches_per_epoch
 
 
 def held_out(pipe, args) -> dict:
@@ -151,16 +134,16 @@ def run_training(method: str, args, seed: int, epochs: int | None) -> dict:
         if method in OFFLINE:
             data, queries = build_pairs(args, seed, Path(out) / "pairs", args.budget)
             prepare = time.perf_counter() - start
-        config = train_config(method, args, seed, out, 1, data)
+        config = train_config(method, args, seed, out, None, data)
         if epochs is None:
             epochs = (
                 config.run.num_epochs
                 if method in OFFLINE
-                else max(1, args.budget // images_per_epoch(config))
+                else max(1, args.budget // queries_per_epoch(config))
             )
         config = train_config(method, args, seed, out, epochs, data)
         if method in ONLINE:
-            queries = epochs * images_per_epoch(config)
+            queries = epochs * queries_per_epoch(config)
         result = held_out(train(config), args)
         records = read_jsonl(Path(out) / "run" / "metrics.jsonl")
     wall = time.perf_counter() - start
@@ -228,12 +211,12 @@ def run_svdd(args, seed: int, rollouts: int) -> dict:
 
 
 def job(method: str, args, seed: int, setting: str, plan: dict | None) -> dict:
-    """Child-process entry point: one method, one seed, one setting; adds the peak memory."""
+    """One method, one seed, one setting (run in its own process)."""
     if method == "SVDD-MC":
         result = run_svdd(args, seed, plan["rollouts"] if plan else args.budget)
     else:
         result = run_training(method, args, seed, plan["epochs"] if plan else None)
-    return {"method": method, "seed": seed, "setting": setting, **result, "peak_memory_mb": peak_memory_mb()}
+    return {"method": method, "seed": seed, "setting": setting, **result}
 
 
 def time_plan(method: str, budget_runs: list[dict], seconds: float) -> dict:
@@ -319,20 +302,17 @@ def main() -> None:
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
 
-    spawn = multiprocessing.get_context("spawn")
-
-    def isolated(method, seed, setting, plan=None) -> dict:
-        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            result = pool.submit(job, method, args, seed, setting, plan).result()
+    def run(method, seed, setting, plan=None) -> dict:
+        result = isolated(job, method, args, seed, setting, plan)
         print(json.dumps(result), file=sys.stderr, flush=True)
         return result
 
     base = base_rewards(args)
-    runs = [isolated(m, seed, "budget") for m in args.methods for seed in range(args.seeds)]
+    runs = [run(m, seed, "budget") for m in args.methods for seed in range(args.seeds)]
     if args.seconds > 0:
         for method in args.methods:
             plan = time_plan(method, [r for r in runs if r["method"] == method], args.seconds)
-            runs += [isolated(method, seed, "time", plan) for seed in range(args.seeds)]
+            runs += [run(method, seed, "time", plan) for seed in range(args.seeds)]
     tables = {
         "budget": summarize(runs, base, "budget"),
         "time": summarize(runs, base, "time"),

@@ -1,9 +1,9 @@
 """How far from 1 the PPO ratio of an unchanged policy is under a given precision and device.
 
-Samples one batch as the trainer does (accelerate autocast, the sampling batch size), then re-scores
-every stored action with the training forward pass in training-sized minibatches at per-sample
-shuffled timesteps, and prints max and mean |log ratio| (JSON). DDPO's clip is 1e-4 on the
-element-mean log-prob, so anything near that makes the first PPO step clip on noise; the trainer's
+Samples one batch as the trainer does (accelerate autocast, the sampling batch size, LoRA merged if
+sample.merge_lora), then re-scores every stored action with the training forward pass in
+training-sized minibatches at per-sample shuffled timesteps, train.timesteps_per_pass at a time,
+and prints max and mean |log ratio| (JSON). DDPO's clip is 1e-4 on the element-mean log-prob, so anything near that makes the first PPO step clip on noise; the trainer's
 own check (train.ratio_tolerance) stops a run above 1e-3.
 
     python scripts/ratio_check.py configs/ddpo/tiny_alignment.yaml model.mixed_precision=bf16
@@ -20,7 +20,40 @@ from accelerate import Accelerator
 
 from diffrl.config import load_config
 from diffrl.prompts import load_prompts
-from diffrl.trainer import build_policy, sample_batch, stack_epoch, step_log_prob
+from diffrl.trainer import build_policy, lora_merged, pass_rows, sample_batch, stack_epoch, step_log_prob
+
+
+def log_ratios(config) -> dict:
+    """Sample one batch with ``config``'s policy and re-score every stored action as training does;
+    returns the settings and the max and mean |log ratio| of the unchanged policy."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.model.mixed_precision)
+    pipe, unet, _, _ = build_policy(config, accelerator)
+    source = load_prompts(config.prompts.source)
+    gen = torch.Generator().manual_seed(config.run.seed)
+    prompts = source.sample(config.sample.batch_size, gen)
+    with torch.no_grad(), accelerator.autocast(), lora_merged(pipe.unet, config.sample.merge_lora):
+        data = stack_epoch([sample_batch(pipe, config.sample, prompts, gen)])
+    num, steps = data["log_probs"].shape
+    order = torch.randperm(num, generator=gen)
+    step_order = torch.stack([torch.randperm(steps, generator=gen) for _ in range(num)])
+    ratios = []
+    with torch.no_grad():
+        for rows in order.split(config.train.batch_size):
+            for cols in torch.arange(steps).split(config.train.timesteps_per_pass):
+                idx, step = pass_rows(rows, cols, step_order)
+                new = step_log_prob(unet, pipe, data, idx, step, config, accelerator)
+                ratios.append((new - data["log_probs"][idx, step].to(new.device)).abs().cpu())
+    ratios = torch.cat(ratios)
+    return {
+        "model": config.model.pretrained,
+        "algorithm": config.algorithm,
+        "device": str(accelerator.device),
+        "mixed_precision": config.model.mixed_precision,
+        "sample_batch": config.sample.batch_size,
+        "train_batch": config.train.batch_size,
+        "max_abs_log_ratio": ratios.max().item(),
+        "mean_abs_log_ratio": ratios.mean().item(),
+    }
 
 
 def main() -> None:
@@ -30,39 +63,7 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args()
-    config = load_config(args.config, args.overrides)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.model.mixed_precision)
-    pipe, unet, _, _ = build_policy(config, accelerator)
-    source = load_prompts(config.prompts.source)
-    gen = torch.Generator().manual_seed(config.run.seed)
-    prompts = source.sample(config.sample.batch_size, gen)
-    with torch.no_grad(), accelerator.autocast():
-        data = stack_epoch([sample_batch(pipe, config.sample, prompts, gen)])
-    num, steps = data["log_probs"].shape
-    order = torch.randperm(num, generator=gen)
-    step_order = torch.stack([torch.randperm(steps, generator=gen) for _ in range(num)])
-    ratios = []
-    with torch.no_grad():
-        for idx in order.split(config.train.batch_size):
-            for j in range(steps):
-                step = step_order[idx, j]
-                new = step_log_prob(unet, pipe, data, idx, step, config, accelerator)
-                ratios.append((new - data["log_probs"][idx, step].to(new.device)).abs().cpu())
-    ratios = torch.cat(ratios)
-    print(
-        json.dumps(
-            {
-                "model": config.model.pretrained,
-                "algorithm": config.algorithm,
-                "device": str(accelerator.device),
-                "mixed_precision": config.model.mixed_precision,
-                "sample_batch": config.sample.batch_size,
-                "train_batch": config.train.batch_size,
-                "max_abs_log_ratio": ratios.max().item(),
-                "mean_abs_log_ratio": ratios.mean().item(),
-            }
-        )
-    )
+    print(json.dumps(log_ratios(load_config(args.config, args.overrides))))
 
 
 if __name__ == "__main__":

@@ -155,3 +155,82 @@ def test_reward_rises_with_full_finetuning(tmp_path, monkeypatch):
 def test_xformers_on_cpu_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="model.attention=xformers"):
         _run(tmp_path, "x", "model.attention=xformers")
+
+
+@pytest.mark.parametrize("per_pass", [1, 2, 3, 4])
+def test_timesteps_per_pass_keeps_the_gradient_of_one_term_per_timestep(per_pass):
+    """One accumulation window over 3 samples × 4 trained steps, with k steps per forward pass (3: passes
+    of 3 and 1 steps): plain SGD at lr 1000 moves the weights by 1000 × the gradient of the mean over
+    steps of the minibatch-mean term, computed here directly with autograd."""
+    from accelerate import Accelerator
+
+    from diffrl.config import load_config
+    from diffrl.trainer import Learner, NonFiniteGuard, Streams, prepare_unet, stack_epoch, update_epoch
+
+    pipe = tiny_sd_pipeline(seed=0)
+    config = load_config(
+        None,
+        [
+            "model.pretrained=tiny-sd",
+            "model.lora_rank=2",
+            "sample.num_steps=4",
+            "sample.batch_size=3",
+            "train.batch_size=3",
+            "train.max_grad_norm=1e9",
+            f"train.timesteps_per_pass={per_pass}",
+        ],
+    )
+    params = prepare_unet(pipe, config, torch.float32)
+    torch.manual_seed(0)
+    for p in params:  # LoRA's B starts at zero, which would leave A without gradient
+        torch.nn.init.normal_(p, std=0.05)
+    data = stack_epoch(
+        [sample_trajectories(pipe, ["a", "b", "c"], num_steps=4, generator=torch.Generator().manual_seed(0))]
+    )
+    accelerator = Accelerator(cpu=True)
+    learner = Learner(
+        pipe.unet, pipe, torch.optim.SGD(params, lr=1000.0), params, accelerator, NonFiniteGuard(10), config
+    )
+    everyone = torch.arange(3)
+    pipe.scheduler.set_timesteps(4)
+    expected = torch.autograd.grad(
+        sum(learner.log_prob(data, everyone, torch.full((3,), s)).mean() for s in range(4)) / 4, params
+    )
+    before = [p.detach().clone() for p in params]
+    update_epoch(
+        learner,
+        torch.ones(3, dtype=torch.bool),
+        4,
+        0,
+        lambda idx, step, valid: (learner.log_prob(data, idx, step).mean(), {}),
+        Streams.seeded(0, 0),
+        0,
+        False,
+    )
+    for p, start, grad in zip(params, before, expected):  # float32 noise of different batch shapes
+        torch.testing.assert_close(
+            (start - p.detach()) / 1000, grad, rtol=0, atol=1e-4 * grad.abs().max().item()
+        )
+
+
+def test_merged_lora_computes_what_the_adapters_do_and_restores_the_base_weights_bit_for_bit():
+    from diffrl.config import load_config
+    from diffrl.trainer import lora_merged, prepare_unet
+
+    pipe = tiny_sd_pipeline(seed=0)
+    params = prepare_unet(
+        pipe, load_config(None, ["model.pretrained=tiny-sd", "model.lora_rank=2"]), torch.float32
+    )
+    torch.manual_seed(0)
+    for p in params:
+        torch.nn.init.normal_(p, std=0.1)
+    weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    x, embeds = torch.randn(2, 4, 8, 8), torch.randn(2, 77, pipe.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        adapters = pipe.unet(x, 500, encoder_hidden_states=embeds).sample
+        with lora_merged(pipe.unet, True):
+            merged = pipe.unet(x, 500, encoder_hidden_states=embeds).sample
+            changed = [n for n, p in pipe.unet.named_parameters() if not torch.equal(p, weights[n])]
+    assert changed and all("base_layer" in n for n in changed)  # the update was folded into the base weights
+    torch.testing.assert_close(merged, adapters, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(p, weights[n]) for n, p in pipe.unet.named_parameters())

@@ -1,0 +1,37 @@
+"""What the benchmark scripts (``bench.py``, ``compare.py``) share: running one measurement in a
+fresh process, so that its peak memory is its own, and counting an online epoch's reward queries."""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+from concurrent.futures import ProcessPoolExecutor
+
+
+def peak_memory_mb() -> float:
+    """This process's peak: CUDA memory allocated if CUDA was used, else the resident set (MB)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
+
+
+def _measured(fn, args: tuple) -> dict:
+    return {**fn(*args), "peak_memory_mb": peak_memory_mb()}
+
+
+def isolated(fn, *args) -> dict:
+    """``fn(*args)`` (a module-level function returning a dict) in a fresh spawned process; its
+    result with ``peak_memory_mb`` of that process added."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measured, fn, args).result()
+
+
+def queries_per_epoch(config) -> int:
+    """Images an online epoch samples and scores: prompts per batch × images per prompt (D3PO's
+    group, B²-DiffuRL's branches) × batches."""
+    from diffrl.trainer import branching
+
+    s = config.sample
+    return s.batch_size * branching(config, 0)[1] * s.num_batches_per_epoch
