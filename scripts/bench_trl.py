@@ -3,17 +3,18 @@
 Same shipped tiny pipeline, same config: 20 DDIM steps (eta 1), guidance 5, 8 images per epoch
 (one batch), train batch 4 with no accumulation over samples, every timestep trained, one inner
 epoch, LoRA rank 4 on the attention projections, per-prompt stat tracking (buffer 16, min count
-16), JPEG compressibility as the reward, lr 3e-4, float32. Runs alternate A/B/B/A in one process
-because the machine is noisy; each run's first epoch is a warm-up and is not counted. Reports the
+16), JPEG compressibility as the reward, lr 3e-4, float32. Runs alternate in one process (trl,
+each diffrl variant, then the same backwards) because the machine is noisy; each run's first epoch is a warm-up and is not counted. Reports the
 median images/s of full epochs (sampling, reward, PPO updates, and whatever else each loop does
 per epoch: diffrl's are timed from the end of one epoch to the end of the next) for both, and, for diffrl's
-settings, how far re-scoring the stored actions puts the PPO ratio from 1 (``ratio_check``).
+settings, how far re-scoring the stored actions puts the PPO ratio from 1 (``ratio_check``, with
+LoRA weights drawn from N(0, 0.05²) as a trained adapter's are non-zero).
 
 trl is never a dependency of diffrl: install it into an environment of its own.
 
     python -m venv .venv-trl
     .venv-trl/bin/pip install torch==2.14.1 torchvision==0.29.1 -e . trl==0.23.1
-    .venv-trl/bin/python scripts/bench_trl.py [--rounds 2] [--epochs 4] [--json out.json] [diffrl overrides...]
+    .venv-trl/bin/python scripts/bench_trl.py [--rounds 2] [--epochs 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -134,42 +135,55 @@ def trl_epochs(epochs: int) -> list[float]:
     return seconds[1:]
 
 
+VARIANTS = {
+    "diffrl, defaults": [],
+    "+ train.timesteps_per_pass=20": ["train.timesteps_per_pass=20"],
+    "+ sample.merge_lora=true": ["train.timesteps_per_pass=20", "sample.merge_lora=true"],
+    "timesteps_per_pass=20, mixed_precision=bf16": [
+        "train.timesteps_per_pass=20",
+        "model.mixed_precision=bf16",
+    ],
+}
+"""diffrl's settings measured against trl, each lever added to the one before (bf16 beside)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=2, help="A/B/B/A rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of trl, every variant, then back")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is not counted)")
     parser.add_argument("--json", default=None)
-    parser.add_argument("overrides", nargs="*", help="diffrl config overrides (section.key=value)")
     args = parser.parse_args()
     random.seed(0)
     torch.manual_seed(0)
-    times = {"trl": [], "diffrl": []}
+    names = ["trl", *VARIANTS]
+    times = {name: [] for name in names}
     for _ in range(args.rounds):
-        for name in ("trl", "diffrl", "diffrl", "trl"):
-            run = trl_epochs(args.epochs) if name == "trl" else diffrl_epochs(args.epochs, args.overrides)
+        for name in names + names[::-1]:
+            run = trl_epochs(args.epochs) if name == "trl" else diffrl_epochs(args.epochs, VARIANTS[name])
             times[name] += run
             print(f"{name}: {' '.join(f'{s:.2f}' for s in run)} s/epoch", flush=True)
-    with tempfile.TemporaryDirectory() as out:
-        ratios = log_ratios(diffrl_config(1, out, args.overrides))
+    ratios = {}
+    for name, overrides in VARIANTS.items():
+        with tempfile.TemporaryDirectory() as out:
+            ratios[name] = log_ratios(diffrl_config(1, out, overrides), lora_std=0.05)
     speed = {name: IMAGES / statistics.median(t) for name, t in times.items()}
-    result = {
-        "images_per_second": speed,
-        "speedup": speed["diffrl"] / speed["trl"],
-        "epochs_counted": {name: len(t) for name, t in times.items()},
-        "diffrl_overrides": args.overrides,
-        "ratio_check": ratios,
-    }
-    print("| trainer | images/s (full DDPO epoch, median) |")
-    print("|---|---|")
-    print(f"| trl 0.23.1 DDPOTrainer | {speed['trl']:.2f} |")
-    print(f"| diffrl {' '.join(args.overrides)} | {speed['diffrl']:.2f} |")
-    print(
-        f"diffrl / trl: {result['speedup']:.2f}x; diffrl's re-scored PPO ratios: max |log ratio| "
-        f"{ratios['max_abs_log_ratio']:.2e}"
-    )
+    print("| trainer | images/s (full DDPO epoch, median) | × trl | max \\|log ratio\\| re-scored |")
+    print("|---|---|---|---|")
+    print(f"| trl 0.23.1 DDPOTrainer | {speed['trl']:.2f} | 1.00 | |")
+    for name in VARIANTS:
+        print(
+            f"| {name} | {speed[name]:.2f} | {speed[name] / speed['trl']:.2f} "
+            f"| {ratios[name]['max_abs_log_ratio']:.1e} |"
+        )
     if args.json:
+        result = {
+            "images_per_second": speed,
+            "epoch_seconds": times,
+            "ratio_check": ratios,
+            "variants": VARIANTS,
+        }
         Path(args.json).write_text(json.dumps(result, indent=2))
 
 

@@ -23,11 +23,18 @@ from diffrl.prompts import load_prompts
 from diffrl.trainer import build_policy, lora_merged, pass_rows, sample_batch, stack_epoch, step_log_prob
 
 
-def log_ratios(config) -> dict:
+def log_ratios(config, lora_std: float = 0.0) -> dict:
     """Sample one batch with ``config``'s policy and re-score every stored action as training does;
-    returns the settings and the max and mean |log ratio| of the unchanged policy."""
+    returns the settings and the max and mean |log ratio| of the unchanged policy. ``lora_std`` > 0
+    draws the trained weights from N(0, lora_std²) first, as a trained adapter's are non-zero
+    (a fresh LoRA adds nothing, so merging it would change nothing)."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.model.mixed_precision)
-    pipe, unet, _, _ = build_policy(config, accelerator)
+    pipe, unet, params, _ = build_policy(config, accelerator)
+    if lora_std > 0:
+        torch.manual_seed(config.run.seed)
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, lora_std)
     source = load_prompts(config.prompts.source)
     gen = torch.Generator().manual_seed(config.run.seed)
     prompts = source.sample(config.sample.batch_size, gen)
@@ -53,6 +60,7 @@ def log_ratios(config) -> dict:
         "train_batch": config.train.batch_size,
         "max_abs_log_ratio": ratios.max().item(),
         "mean_abs_log_ratio": ratios.mean().item(),
+        "lora_std": lora_std,
     }
 
 
@@ -62,8 +70,11 @@ def main() -> None:
     )
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument(
+        "--lora-std", type=float, default=0.0, help="draw the trained weights from N(0, std^2)"
+    )
     args = parser.parse_args()
-    print(json.dumps(log_ratios(load_config(args.config, args.overrides))))
+    print(json.dumps(log_ratios(load_config(args.config, args.overrides), args.lora_std)))
 
 
 if __name__ == "__main__":
