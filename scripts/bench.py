@@ -249,15 +249,12 @@ def method_epochs(method: str, steps: int, images: int, epochs: int, data: str) 
 def bench_methods(steps: int, lcm_steps: int, images: int, epochs: int) -> list[dict]:
     """Table (e): every training method's full epochs on the shipped tiny models (tiny-lcm with
     ``lcm_steps`` for RLCM, ``steps`` DDIM steps for the rest), each in its own process for its
-    peak memory; the offline methods share pairs built from ``images`` training prompts."""
+    peak memory; the offline methods share pairs built from 2 × ``images`` training prompts."""
     from diffrl.offline import write_toy_preferences
 
-    with tempfile.TemporaryDirectory() as data:
+    with tempfile.TemporaryDirectory() as data:  # 4-step samples: at 20 steps nearly all would tie
         write_toy_preferences(
-            load_pipeline("tiny"),
-            load_prompts("toy_train_single").prompts[:images],
-            Path(data),
-            num_steps=steps,
+            load_pipeline("tiny"), load_prompts("toy_train_single").prompts[: 2 * images], Path(data)
         )
         return [
             isolated(method_epochs, method, lcm_steps if method == "RLCM" else steps, images, epochs, data)

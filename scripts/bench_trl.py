@@ -3,8 +3,8 @@
 Same shipped tiny pipeline, same config: 20 DDIM steps (eta 1), guidance 5, 8 images per epoch
 (one batch), train batch 4 with no accumulation over samples, every timestep trained, one inner
 epoch, LoRA rank 4 on the attention projections, per-prompt stat tracking (buffer 16, min count
-16), JPEG compressibility as the reward, lr 3e-4, float32. Runs alternate in one process (trl,
-each diffrl variant, then the same backwards) because the machine is noisy; each run's first epoch is a warm-up and is not counted. Reports the
+16), JPEG compressibility as the reward, lr 3e-4, float32. Runs alternate (trl, each diffrl
+variant, then the same backwards; each run in a fresh process) because the machine is noisy; each run's first epoch is a warm-up and is not counted. Reports the
 median images/s of full epochs (sampling, reward, PPO updates, and whatever else each loop does
 per epoch: diffrl's are timed from the end of one epoch to the end of the next) for both, and, for diffrl's
 settings, how far re-scoring the stored actions puts the PPO ratio from 1 (``ratio_check``, with
@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
+from measure import isolated
 from ratio_check import log_ratios
 
 import diffrl.trainer as trainer
@@ -72,7 +72,7 @@ def diffrl_config(epochs: int, out: str, overrides: list[str]):
     )
 
 
-def diffrl_epochs(epochs: int, overrides: list[str]) -> list[float]:
+def diffrl_epochs(epochs: int, overrides: list[str]) -> dict:
     """Wall seconds of each epoch after the first of a diffrl run: between the ends of consecutive
     epochs (``finish_epoch``), so everything the loop does per epoch counts (outputs included)."""
     ends, finish = [], trainer.finish_epoch
@@ -87,10 +87,10 @@ def diffrl_epochs(epochs: int, overrides: list[str]) -> list[float]:
             trainer.train(diffrl_config(epochs, out, overrides))
     finally:
         trainer.finish_epoch = finish
-    return [b - a for a, b in zip(ends, ends[1:])]
+    return {"seconds": [b - a for a, b in zip(ends, ends[1:])]}
 
 
-def trl_epochs(epochs: int) -> list[float]:
+def trl_epochs(epochs: int) -> dict:
     """Seconds of each full epoch (``DDPOTrainer.step``) after the first of a trl run."""
     from accelerate import PartialState
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
@@ -132,7 +132,13 @@ def trl_epochs(epochs: int) -> list[float]:
             start = time.perf_counter()
             global_step = trainer.step(epoch, global_step)
             seconds.append(time.perf_counter() - start)
-    return seconds[1:]
+    return {"seconds": seconds[1:]}
+
+
+def ratio_check(overrides: list[str]) -> dict:
+    """``log_ratios`` of diffrl's config with ``overrides`` (LoRA weights drawn from N(0, 0.05²))."""
+    with tempfile.TemporaryDirectory() as out:
+        return log_ratios(diffrl_config(1, out, overrides), lora_std=0.05)
 
 
 VARIANTS = {
@@ -155,19 +161,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is not counted)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    random.seed(0)
-    torch.manual_seed(0)
     names = ["trl", *VARIANTS]
     times = {name: [] for name in names}
     for _ in range(args.rounds):
         for name in names + names[::-1]:
-            run = trl_epochs(args.epochs) if name == "trl" else diffrl_epochs(args.epochs, VARIANTS[name])
+            if name == "trl":
+                run = isolated(trl_epochs, args.epochs)["seconds"]
+            else:
+                run = isolated(diffrl_epochs, args.epochs, VARIANTS[name])["seconds"]
             times[name] += run
             print(f"{name}: {' '.join(f'{s:.2f}' for s in run)} s/epoch", flush=True)
-    ratios = {}
-    for name, overrides in VARIANTS.items():
-        with tempfile.TemporaryDirectory() as out:
-            ratios[name] = log_ratios(diffrl_config(1, out, overrides), lora_std=0.05)
+    ratios = {name: isolated(ratio_check, overrides) for name, overrides in VARIANTS.items()}
     speed = {name: IMAGES / statistics.median(t) for name, t in times.items()}
     print("| trainer | images/s (full DDPO epoch, median) | × trl | max \\|log ratio\\| re-scored |")
     print("|---|---|---|---|")

@@ -6,15 +6,23 @@ from __future__ import annotations
 import multiprocessing
 import resource
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 
 def peak_memory_mb() -> float:
-    """This process's peak: CUDA memory allocated if CUDA was used, else the resident set (MB)."""
+    """This process's peak: CUDA memory allocated if CUDA was used, else its resident set's high
+    water mark (Linux ``VmHWM``; ``ru_maxrss`` elsewhere, which a spawned child may inherit from
+    its parent) in MB."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and BSD report KB
 
 
 def _measured(fn, args: tuple) -> dict:
