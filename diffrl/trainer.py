@@ -615,7 +615,8 @@ def update_epoch(
                         len(cols) * len(passes) / num_train_steps,
                     ),
                     f"epoch {epoch}, inner epoch {inner}",
-                    f"minibatch {b}, trained timesteps {int(cols[0])}..{int(cols[-1])}",
+                    f"minibatch {b}, trained timestep {int(cols[0])}"
+                    + (f"..{int(cols[-1])}" if len(cols) > 1 else ""),
                 )
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
