@@ -99,18 +99,24 @@ def held_out(pipe, args) -> dict:
     )
 
 
+def seeded_prompts(args, seed: int, first: int, stop: int) -> list[str]:
+    """Training prompts number ``first..stop-1`` of the seed's pass through the training set
+    (cycled, from a seed-dependent start)."""
+    from diffrl.prompts import load_prompts
+
+    prompts = load_prompts(args.train_prompts).prompts
+    return [prompts[(seed * 7919 + i) % len(prompts)] for i in range(first, stop)]
+
+
 def build_pairs(args, seed: int, out: Path, queries: int) -> tuple[str, int]:
     """Diffusion-DPO/SePPO data from ``queries`` scored samples; returns (folder, queries used)."""
     from diffrl.offline import write_toy_preferences
     from diffrl.pipelines import load_pipeline
-    from diffrl.prompts import load_prompts
 
-    prompts = load_prompts(args.train_prompts).prompts
     count = max(1, queries // SAMPLES_PER_PROMPT)
-    chosen = [prompts[(seed * 7919 + i) % len(prompts)] for i in range(count)]
     write_toy_preferences(
         load_pipeline("tiny"),
-        chosen,
+        seeded_prompts(args, seed, 0, count),
         out,
         samples=SAMPLES_PER_PROMPT,
         num_steps=args.steps,
@@ -171,14 +177,10 @@ def run_svdd(args, seed: int, rollouts: int) -> dict:
 
     start = time.perf_counter()
     pipe, reward_fn = load_pipeline("tiny"), rewards.get("shapes_alignment")
-    train_prompts = load_prompts(args.train_prompts).prompts
     generator = torch.Generator().manual_seed(seed)
     chunks = []
     for first in range(0, rollouts, 32):
-        prompts = [
-            train_prompts[(seed * 7919 + i) % len(train_prompts)]
-            for i in range(first, min(rollouts, first + 32))
-        ]
+        prompts = seeded_prompts(args, seed, first, min(rollouts, first + 32))
         chunks.append(
             svdd.value_targets(
                 pipe, prompts, reward_fn, num_steps=args.steps, guidance_scale=5.0, generator=generator
