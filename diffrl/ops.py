@@ -91,6 +91,11 @@ def gaussian_logprob(
         out = fused(x, mean, std)
         return out if reduction == "mean" else out * x[0].numel()
     x, mean, std = x.float(), mean.float(), std.float()
+    if per_sample:  # reduce the squares first: three passes over the latents, the rest on [B]
+        sigma = std.reshape(-1)
+        squares = (x - mean).pow(2).flatten(1).mean(dim=1)
+        out = -squares / (2 * sigma**2) - torch.log(sigma) - _HALF_LOG_2PI
+        return out if reduction == "mean" else out * x[0].numel()
     elementwise = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
     elementwise = elementwise.flatten(1)
     return elementwise.mean(dim=1) if reduction == "mean" else elementwise.sum(dim=1)

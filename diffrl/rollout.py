@@ -8,6 +8,8 @@ the decoded image. An LCM with H steps has T = H − 1 actions; its last step is
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -18,22 +20,57 @@ from diffrl.policies.ddim import ddim_step_with_logprob
 from diffrl.policies.lcm import guidance_embedding, lcm_step_with_logprob
 from diffrl.types import StepOutput, Trajectory
 
+PROMPT_CACHE_SIZE = 256
+"""Prompt embeddings kept per text encoder (least recently used dropped): 77 x 768 floats each for SD 1.5."""
+
+_prompt_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prompt_cache(text_encoder: torch.nn.Module) -> OrderedDict:
+    """The embedding cache of ``text_encoder``, emptied whenever its parameters changed: a
+    parameter added, removed, replaced or modified in place (a LoRA loaded, weights fused or loaded;
+    each in-place write bumps the tensor's version counter)."""
+    state = tuple((id(p), p._version, p.dtype, p.device) for p in text_encoder.parameters())
+    entry = _prompt_caches.get(text_encoder)
+    if entry is None or entry[0] != state:
+        entry = (state, OrderedDict())
+        _prompt_caches[text_encoder] = entry
+    return entry[1]
+
 
 def encode_prompts(
-    pipe, prompts: list[str], negative_prompt: str | None, guided: bool
+    pipe, prompts: list[str], negative_prompt: str | None, guided: bool, device=None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text embeddings of ``prompts`` and, when ``guided``, of the negative prompt.
+    """Text embeddings of ``prompts`` and, when ``guided``, of the negative prompt, on ``device``
+    (default the pipeline's execution device).
+
+    Each distinct text is encoded once with ``pipe.encode_prompt`` and cached for the text encoder
+    (:data:`PROMPT_CACHE_SIZE` entries, dropped when its parameters change): a training run
+    re-draws the same prompts and the same negative prompt every batch. The negative prompt is
+    encoded as a prompt, which is what ``encode_prompt`` does for it (same tokenizer padding, same
+    encoder call). A LoRA scale changed without touching parameters (``set_adapters``) is not
+    seen; diffrl never trains the text encoder.
 
     Returns ``([B, L, D], [B, L, D] | None)`` in the text encoder's dtype.
     """
-    embeds, negative = pipe.encode_prompt(
-        prompts,
-        device=pipe._execution_device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=guided,
-        negative_prompt=[negative_prompt or ""] * len(prompts) if guided else None,
-    )
-    return embeds, negative
+    device = torch.device(device or pipe._execution_device)
+    texts = list(prompts) + [negative_prompt or ""] if guided else list(prompts)
+    cache = _prompt_cache(pipe.text_encoder)
+    missing = list(dict.fromkeys(t for t in texts if (t, device) not in cache))
+    if missing:
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt(
+                missing, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        cache.update({(t, device): e for t, e in zip(missing, embeds)})
+    rows = []
+    for t in texts:
+        cache.move_to_end((t, device))
+        rows.append(cache[(t, device)])
+    while len(cache) > PROMPT_CACHE_SIZE:
+        cache.popitem(last=False)
+    embeds = torch.stack(rows[: len(prompts)])
+    return embeds, rows[-1].expand_as(embeds).contiguous() if guided else None
 
 
 def guided_noise_pred(
@@ -78,10 +115,9 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-def initial_noise(pipe, batch: int, height, width, generator, latents) -> torch.Tensor:
-    """x_T ``[B, C, h, w]`` float32: the given ``latents`` or fresh noise, times the scheduler's
-    initial sigma. ``height``/``width`` default to the UNet's native size."""
-    device = pipe._execution_device
+def initial_noise(pipe, batch: int, height, width, generator, latents, device) -> torch.Tensor:
+    """x_T ``[B, C, h, w]`` float32 on ``device``: the given ``latents`` or fresh noise, times the
+    scheduler's initial sigma. ``height``/``width`` default to the UNet's native size."""
     scale = pipe.vae_scale_factor
     height = height or pipe.unet.config.sample_size * scale
     width = width or pipe.unet.config.sample_size * scale
@@ -110,17 +146,17 @@ class Transition:
     def is_lcm(self) -> bool:
         return isinstance(self.pipe.scheduler, LCMScheduler)
 
-    def encode(self, prompts: list[str], negative_prompt: str):
-        """Prompt embeddings ``[B, L, D]`` and the negative ones (None without CFG)."""
+    def encode(self, prompts: list[str], negative_prompt: str, device):
+        """Prompt embeddings ``[B, L, D]`` on ``device`` and the negative ones (None without CFG)."""
         guided = self.guidance_scale > 1.0 and not self.is_lcm
-        return encode_prompts(self.pipe, prompts, negative_prompt, guided)
+        return encode_prompts(self.pipe, prompts, negative_prompt, guided, device)
 
     def noise_pred(self, x, t, embeds, negative, unet=None) -> torch.Tensor:
         """ε̂(x_t, t) ``[B, C, h, w]`` float32 from ``unet`` (default the pipeline's), guided as the
         pipeline is; ``t`` a scalar or ``[B]``."""
         unet = unet if unet is not None else self.pipe.unet
         if self.is_lcm:
-            cond = guidance_embedding(self.pipe, self.guidance_scale, x.shape[0])
+            cond = guidance_embedding(self.pipe, self.guidance_scale, x.shape[0], x.device)
             return guided_noise_pred(unet, x, t, embeds, None, 1.0, timestep_cond=cond)
         model_input = self.pipe.scheduler.scale_model_input(x, t)
         return guided_noise_pred(unet, model_input, t, embeds, negative, self.guidance_scale)
@@ -150,9 +186,10 @@ class Transition:
 
     def start(self, prompts, num_steps, generator, height, width, negative_prompt):
         """Embeddings, x_T, the schedule and the first noise prediction (the only one not made for a candidate)."""
-        embeds, negative = self.encode(prompts, negative_prompt)
-        x = initial_noise(self.pipe, len(prompts), height, width, generator, None)
-        self.pipe.scheduler.set_timesteps(num_steps, device=self.pipe._execution_device)
+        device = self.pipe._execution_device  # walks every module: looked up once per rollout
+        embeds, negative = self.encode(prompts, negative_prompt, device)
+        x = initial_noise(self.pipe, len(prompts), height, width, generator, None, device)
+        self.pipe.scheduler.set_timesteps(num_steps, device=device)
         timesteps = self.pipe.scheduler.timesteps
         return embeds, negative, x, timesteps, self.noise_pred(x, timesteps[0], embeds, negative)
 
@@ -250,9 +287,10 @@ def sample_branches(
         are copied into every branch.
     """
     transition = Transition(pipe, guidance_scale, eta)
-    prompt_embeds, negative_embeds = transition.encode(prompts, negative_prompt)
-    x = initial_noise(pipe, len(prompts), height, width, generator, latents)
-    pipe.scheduler.set_timesteps(num_steps, device=pipe._execution_device)
+    device = pipe._execution_device  # walks every module: looked up once per rollout
+    prompt_embeds, negative_embeds = transition.encode(prompts, negative_prompt, device)
+    x = initial_noise(pipe, len(prompts), height, width, generator, latents, device)
+    pipe.scheduler.set_timesteps(num_steps, device=device)
     timesteps = pipe.scheduler.timesteps
     actions = transition.actions(timesteps)
     if not 0 <= branch_step <= len(actions) or num_branches < 1:

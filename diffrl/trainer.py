@@ -406,11 +406,13 @@ def step_log_prob(unet, pipe, data, idx: torch.Tensor, step: torch.Tensor, confi
     return transition.step(noise_pred, t, x_t, prev_sample=x_next).log_prob
 
 
-def check_log_ratios(unet, pipe, data, idx, step, config: Config, accelerator, epoch: int) -> None:
+def check_log_ratios(log_ratio: torch.Tensor, config: Config, accelerator, epoch: int) -> None:
     """Before an epoch's first update the policy is still the one that sampled, so re-scoring the
     first minibatch's stored actions must give ratio 1 up to float noise; otherwise PPO's clipping
-    compares against the wrong old policy. Raises :class:`NumericalError` naming the likely cause
-    when the mean |log ratio| over all processes' minibatches exceeds ``train.ratio_tolerance``.
+    compares against the wrong old policy. ``log_ratio [B]`` is log πθ − the stored log-prob of that
+    first term (the training forward itself: :class:`Learner` checks its first ``log_prob`` of an
+    epoch, so the check costs no extra UNet call). Raises :class:`NumericalError` naming the likely
+    cause when the mean |log ratio| over all processes' minibatches exceeds ``train.ratio_tolerance``.
 
     The mean, not the max: on GPUs the noise alone reaches a max of 1.5e-3 in fp32 (TF32
     convolutions, batch-size-dependent kernels) and 0.07 in bf16 at the smallest σ_t, with means
@@ -420,11 +422,7 @@ def check_log_ratios(unet, pipe, data, idx, step, config: Config, accelerator, e
     tolerance = config.train.ratio_tolerance
     if tolerance == 0:
         return
-    with torch.no_grad():
-        log_ratio = (
-            step_log_prob(unet, pipe, data, idx, step, config, accelerator) - data["log_probs"][idx, step]
-        )
-    mean = accelerator.gather(log_ratio.abs().mean().reshape(1).to(accelerator.device)).mean().item()
+    mean = accelerator.gather(log_ratio.detach().abs().mean().reshape(1).to(accelerator.device)).mean().item()
     if mean <= tolerance:
         return
     m = config.model
@@ -524,13 +522,20 @@ class Learner:
     guard: NonFiniteGuard
     config: Config
     loss_fault: str | None = None
+    unchecked_epoch: int | None = None
 
     def __post_init__(self) -> None:
         self.named_params = [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
 
     def log_prob(self, data, idx: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """log πθ of stored actions ``[B]`` with gradient (:func:`step_log_prob`)."""
-        return step_log_prob(self.unet, self.pipe, data, idx, step, self.config, self.accelerator)
+        """log πθ of stored actions ``[B]`` with gradient (:func:`step_log_prob`). The first call
+        after :func:`update_epoch` set ``unchecked_epoch`` (before any update of the epoch) also
+        checks the ratios to the stored log-probs (:func:`check_log_ratios`)."""
+        log_prob = step_log_prob(self.unet, self.pipe, data, idx, step, self.config, self.accelerator)
+        if self.unchecked_epoch is not None:
+            epoch, self.unchecked_epoch = self.unchecked_epoch, None
+            check_log_ratios(log_prob - data["log_probs"][idx, step], self.config, self.accelerator, epoch)
+        return log_prob
 
     def update(self, compute_loss, where: str, term: str) -> dict[str, float]:
         """One accumulated loss term: ``compute_loss() -> (loss, {name: 0-dim stat})`` and its
@@ -567,7 +572,6 @@ def update_epoch(
     streams,
     epoch: int,
     progress,
-    check=None,
 ) -> dict[str, float]:
     """The update phase shared by the algorithms: ``num_inner_epochs`` passes over the items with
     ``trained [M]`` True (samples for PPO, pairs for D3PO), shuffled, in minibatches of
@@ -576,7 +580,7 @@ def update_epoch(
     ``term(items [B·k], steps [B·k], valid [B·k]) -> (loss, stats)`` over k = ``timesteps_per_pass``
     of the item's trained steps at once (the rows are the minibatch repeated k times). A pass's loss
     is weighted by its share of the steps, so the accumulated gradient is that of one term per
-    (minibatch, step) for any k. ``check(items, steps)`` runs once before the first update.
+    (minibatch, step) for any k. The epoch's first term checks the log ratios (:class:`Learner`).
     Returns the mean of every stat and ``skipped_steps``."""
     t, accelerator = learner.config.train, learner.accelerator
     index, valid = training_samples(trained, t.batch_size * t.gradient_accumulation_steps, accelerator)
@@ -589,6 +593,7 @@ def update_epoch(
     totals: dict[str, float] = {}
     terms, skipped_before = 0, learner.guard.skipped
     learner.unet.train()
+    learner.unchecked_epoch = epoch
 
     def weighted(items, steps, ok, weight):
         loss, stats = term(items, steps, ok)
@@ -600,9 +605,6 @@ def update_epoch(
             [torch.randperm(span, generator=streams.shuffle) for _ in range(len(index))]
         )
         batches = order.split(t.batch_size)
-        if inner == 0 and check is not None:  # shaped like the first pass
-            items, steps = pass_rows(batches[0], passes[0], step_order)
-            check(index[items], steps)
         for b, rows in enumerate(tqdm(batches, desc="training", disable=not progress, leave=False)):
             for cols in passes:
                 items, steps = pass_rows(rows, cols, step_order)
@@ -642,12 +644,9 @@ def train_epoch(
         )
         return loss, {"approx_kl": stats.approx_kl, "clipfrac": stats.clipfrac}
 
-    def check(idx, step):
-        check_log_ratios(learner.unet, learner.pipe, data, idx, step, config, learner.accelerator, epoch)
-
     num_steps = data["log_probs"].shape[1]
     first_step = branching(config, epoch)[0]
-    return update_epoch(learner, trained, num_steps, first_step, term, streams, epoch, progress, check)
+    return update_epoch(learner, trained, num_steps, first_step, term, streams, epoch, progress)
 
 
 def train_d3po_epoch(
@@ -679,14 +678,7 @@ def train_d3po_epoch(
             "clipfrac": (outside.float().mean(1) * weight).sum(),
         }
 
-    def check(rows, step):
-        check_log_ratios(
-            learner.unet, learner.pipe, data, pairs.first[rows], step, config, learner.accelerator, epoch
-        )
-
-    return update_epoch(
-        learner, pairs.decided, data["log_probs"].shape[1], 0, term, streams, epoch, progress, check
-    )
+    return update_epoch(learner, pairs.decided, data["log_probs"].shape[1], 0, term, streams, epoch, progress)
 
 
 @contextmanager

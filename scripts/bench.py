@@ -1,7 +1,8 @@
 """Overhead of diffrl's rollout and training step over the bare UNet calls they need.
 
 On the built-in tiny pipeline (where Python overhead is most visible), measured side by side and
-interleaved (A, B, A, B, ...) in one process; medians over repeats:
+interleaved (A, B, A, B, ...) in one process; each ratio is the median over repeats of the ratio of
+two runs made back to back (the machine's speed drifts by up to 30% between seconds, not within a pair):
 
   (a) rollout: ``sample_trajectories`` (prompt encoding, T guided UNet calls, T policy steps with
       log-probs, VAE decode) / the T bare guided UNet forwards on the same inputs;
@@ -25,7 +26,7 @@ interleaved (A, B, A, B, ...) in one process; medians over repeats:
   (f) SVDD-PM's cost against M (candidates per step): UNet and reward evaluations per image,
       images/s, mean reward, peak memory.
 
-Target: (a), (b) <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--branches 4] [--repeats 5]
+Target: (a), (b) <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--branches 4] [--repeats 9]
 [--M 8] [--lcm-steps 4] [--epochs 4] [--svdd-M 1 2 4 8 16] [--json out.json]
 """
 
@@ -132,15 +133,19 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
         for name, fn in cases.items():
             times[name].append(_timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
+
+    def paired(a, b):  # each repeat's A and B ran back to back: their ratio cancels the machine's drift
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     return {
         "steps": steps,
         "batch": batch,
         "repeats": repeats,
         "median_seconds": med,
-        "rollout_ratio": med["rollout"] / med["bare_forward"],
-        "train_ratio": med["train_step"] / med["bare_backward"],
+        "rollout_ratio": paired("rollout", "bare_forward"),
+        "train_ratio": paired("train_step", "bare_backward"),
         "branch_images": len(trunks) * branches,
-        "branch_speedup": med["plain_sampling"] / med["branch_sampling"],
+        "branch_speedup": paired("plain_sampling", "branch_sampling"),
     }
 
 
@@ -296,7 +301,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--branches", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--M", type=int, default=8)
     parser.add_argument("--lcm-steps", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=4)

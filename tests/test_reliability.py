@@ -22,7 +22,7 @@ from diffrl.config import load_config
 from diffrl.errors import InputFileError, NumericalError, PipelineNotFoundError, RewardError
 from diffrl.files import read_jsonl
 from diffrl.rollout import sample_trajectories
-from diffrl.trainer import check_log_ratios, stack_epoch, train
+from diffrl.trainer import check_log_ratios, stack_epoch, step_log_prob, train
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -177,24 +177,50 @@ def test_ratio_check_passes_for_the_sampling_policy_and_names_a_changed_one(tiny
     data = stack_epoch([traj])
     idx, step = torch.arange(4), torch.tensor([0, 1, 2, 3])
     accelerator = Accelerator(cpu=True)
-    check_log_ratios(
-        pipe.unet, pipe, data, idx, step, config, accelerator, epoch=0
-    )  # the same policy: passes
-    tampered = dict(data, log_probs=data["log_probs"] + 0.05)  # as if sampled by another policy or dtype
+
+    def log_ratio(stored):
+        with torch.no_grad():
+            return step_log_prob(pipe.unet, pipe, data, idx, step, config, accelerator) - stored[idx, step]
+
+    check_log_ratios(log_ratio(data["log_probs"]), config, accelerator, epoch=0)  # the same policy: passes
+    tampered = data["log_probs"] + 0.05  # as if sampled by another policy or dtype
     with pytest.raises(
         NumericalError,
         match=r"epoch 5: re-scoring stored actions .* mean \|log ratio\| of 0.05 > train.ratio_tolerance=0.01",
     ):
-        check_log_ratios(pipe.unet, pipe, tampered, idx, step, config, accelerator, epoch=5)
+        check_log_ratios(log_ratio(tampered), config, accelerator, epoch=5)
     config.model.mixed_precision = "bf16"
     with pytest.raises(NumericalError, match="Likely cause: model.mixed_precision=bf16"):
-        check_log_ratios(pipe.unet, pipe, tampered, idx, step, config, accelerator, epoch=5)
+        check_log_ratios(log_ratio(tampered), config, accelerator, epoch=5)
     config.train.ratio_tolerance = 0.0  # off
-    check_log_ratios(pipe.unet, pipe, tampered, idx, step, config, accelerator, epoch=5)
+    check_log_ratios(log_ratio(tampered), config, accelerator, epoch=5)
     config.train.ratio_tolerance, config.model.mixed_precision = 0.01, "no"
     config.sample.eta = 0.8  # a sampler that differs from the one that sampled
     with pytest.raises(NumericalError, match="the training step differs from the sampler"):
-        check_log_ratios(pipe.unet, pipe, data, idx, step, config, accelerator, epoch=1)
+        check_log_ratios(log_ratio(data["log_probs"]), config, accelerator, epoch=1)
+
+
+def test_training_checks_the_first_term_of_every_epoch_without_an_extra_unet_call(tmp_path, monkeypatch):
+    # tiny_compressibility FAST: 2 minibatches x 4 timesteps = 8 loss terms per epoch, one UNet call each
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return step_log_prob(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "step_log_prob", counted)
+    train(_config(tmp_path, "counted", "run.num_epochs=2"))
+    assert len(calls) == 2 * 8
+
+    def drifted(*args, **kwargs):  # the training forward disagrees with the sampler from epoch 1 on
+        calls.append(1)
+        return step_log_prob(*args, **kwargs) + (0.05 if len(calls) > 8 else 0.0)
+
+    calls.clear()
+    monkeypatch.setattr(trainer_module, "step_log_prob", drifted)
+    with pytest.raises(NumericalError, match=r"epoch 1: re-scoring stored actions .* of 0.05 > "):
+        train(_config(tmp_path, "drifted", "run.num_epochs=2"))
+    assert len(calls) == 9  # epoch 1 stopped at its first term, before any update
 
 
 def _poison_loss(monkeypatch, calls_to_poison):

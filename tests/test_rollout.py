@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+import diffrl.rollout as rollout_module
 from diffrl.policies.ddim import ddim_step_with_logprob
-from diffrl.rollout import guided_noise_pred, sample_trajectories
+from diffrl.rollout import encode_prompts, guided_noise_pred, sample_trajectories
 
 PROMPTS = ["a red circle", "a small blue square on the left", "a cat"]
 
@@ -91,3 +92,39 @@ def test_bad_sizes_are_rejected_early(tiny_sd):
         sample_trajectories(tiny_sd, ["x"], num_steps=2, height=30)
     with pytest.raises(ValueError, match="latents shape"):
         sample_trajectories(tiny_sd, ["x"], num_steps=2, latents=torch.zeros(2, 4, 8, 8))
+
+
+def _encoder_calls(pipe):
+    """A list that gets one entry (the batch size) per text-encoder forward; remove the hook after."""
+    calls = []
+    handle = pipe.text_encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    return calls, handle
+
+
+def test_prompt_embeddings_are_cached_and_equal_the_pipelines(monkeypatch):
+    from diffrl.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=1)  # its own: this test changes the text encoder
+    prompts = ["a red circle", "a blue square", "a red circle"]
+    want, want_negative = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=["blurry"] * 3)
+    calls, handle = _encoder_calls(pipe)
+    embeds, negative = encode_prompts(pipe, prompts, "blurry", True)
+    torch.testing.assert_close(embeds, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(negative, want_negative, rtol=0, atol=1e-6)
+    assert calls == [3]  # the two distinct prompts and the negative one, in one encoder call
+    encode_prompts(pipe, ["a blue square", "a green triangle"], "blurry", True)
+    assert calls == [3, 1]  # only the new prompt
+    with torch.no_grad():  # an in-place weight change (a LoRA fused, a state dict loaded) empties the cache
+        dict(pipe.text_encoder.named_parameters())["final_layer_norm.bias"].add_(0.5)
+    changed, _ = encode_prompts(pipe, prompts, "blurry", True)
+    assert calls == [3, 1, 3]
+    fresh, _ = pipe.encode_prompt(prompts, "cpu", 1, False)  # (counted too)
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=1e-6)
+    assert (changed - embeds).abs().max() > 0.1
+    calls.clear()
+    monkeypatch.setattr(rollout_module, "PROMPT_CACHE_SIZE", 2)  # least recently used dropped
+    encode_prompts(pipe, ["x", "y", "z"], None, False)
+    encode_prompts(pipe, ["z"], None, False)
+    encode_prompts(pipe, ["x"], None, False)
+    handle.remove()
+    assert calls == [3, 1]  # "z" was kept, "x" dropped

@@ -91,46 +91,50 @@ def ddim_step_with_logprob(
     if prev_sample is None and eta > 0:
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
 
-    # fused path: without clipping the mean is affine in (x_t, model output); one kernel pass
-    if (
-        with_logprob
-        and not (config.thresholding or config.clip_sample)
-        and use_triton(sample, noise_pred, op="ddim step")
-    ):
+    # 4. the mean of x_{t-1} (Eq. 12). Without clipping it is affine in (x_t, model output),
+    #    mean = a x_t + b model_output (affine_coefficients): two tensor operations, or one fused
+    #    kernel pass with the log-prob; a clipped or thresholded x_0 needs x_0 itself
+    if config.thresholding or config.clip_sample:
+        mean = _clipped_mean(scheduler, sample, noise_pred, alpha_prod_t, alpha_prod_prev, std)
+    else:
         a, b = affine_coefficients(config.prediction_type, alpha_prod_t, alpha_prod_prev, std)
-        mean, prev, log_prob = fused_ddim_step_logprob(
-            sample,
-            noise_pred,
-            a,
-            b,
-            std,
-            noise=noise,
-            prev_sample=None if prev_sample is None else prev_sample.detach(),
-        )
-        return StepOutput(prev_sample=prev.detach(), log_prob=log_prob, mean=mean, std=std)
+        if with_logprob and use_triton(sample, noise_pred, op="ddim step"):
+            mean, prev, log_prob = fused_ddim_step_logprob(
+                sample,
+                noise_pred,
+                a,
+                b,
+                std,
+                noise=noise,
+                prev_sample=None if prev_sample is None else prev_sample.detach(),
+            )
+            return StepOutput(prev_sample=prev.detach(), log_prob=log_prob, mean=mean, std=std)
+        mean = a * sample + b * noise_pred
 
-    # 4. predicted x_0 and epsilon from the model output (Eq. 12, "predicted x_0")
-    pred_x0, pred_eps = _x0_and_eps(config.prediction_type, sample, noise_pred, alpha_prod_t)
-
-    # 5. clip or threshold x_0 as the scheduler is configured to
-    if config.thresholding:
-        pred_x0 = scheduler._threshold_sample(pred_x0)
-    elif config.clip_sample:
-        pred_x0 = pred_x0.clamp(-config.clip_sample_range, config.clip_sample_range)
-
-    # 6. "direction pointing to x_t" and the mean of x_{t-1} (Eq. 12)
-    direction = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt() * pred_eps
-    mean = alpha_prod_prev.sqrt() * pred_x0 + direction
-
-    # 7. the action x_{t-1} = mean + sigma_t z (stored in the sample dtype and scored as stored),
+    # 5. the action x_{t-1} = mean + sigma_t z (stored in the sample dtype and scored as stored),
     #    the deterministic mean at eta = 0, or the given one
     if prev_sample is None:
         prev_sample = mean.to(sample.dtype) if noise is None else (mean + std * noise).to(sample.dtype)
     prev_sample = prev_sample.detach()
 
-    # 8. log pi(x_{t-1} | x_t), element mean
+    # 6. log pi(x_{t-1} | x_t), element mean
     log_prob = gaussian_logprob(prev_sample, mean, std) if with_logprob else None
     return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+
+
+def _clipped_mean(scheduler, sample, model_output, alpha_prod_t, alpha_prod_prev, std) -> torch.Tensor:
+    """The DDIM mean (Eq. 12) with x̂_0 clipped or thresholded as the scheduler is configured to:
+    ``[B, C, h, w]`` from the state, the model output and per-sample ``[B, 1, 1, 1]`` coefficients."""
+    config = scheduler.config
+    # predicted x_0 and epsilon from the model output (Eq. 12, "predicted x_0"), x_0 clipped
+    pred_x0, pred_eps = _x0_and_eps(config.prediction_type, sample, model_output, alpha_prod_t)
+    if config.thresholding:
+        pred_x0 = scheduler._threshold_sample(pred_x0)
+    else:
+        pred_x0 = pred_x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+    # "direction pointing to x_t" and the mean
+    direction = (1 - alpha_prod_prev - std**2).clamp(min=0).sqrt() * pred_eps
+    return alpha_prod_prev.sqrt() * pred_x0 + direction
 
 
 def _x0_and_eps(
