@@ -93,8 +93,8 @@ def gaussian_logprob(
     x, mean, std = x.float(), mean.float(), std.float()
     if per_sample:  # reduce the squares first: three passes over the latents, the rest on [B]
         sigma = std.reshape(-1)
-        squares = (x - mean).pow(2).flatten(1).mean(dim=1)
-        out = -squares / (2 * sigma**2) - torch.log(sigma) - _HALF_LOG_2PI
+        squares = (x - mean).square().mean(dim=tuple(range(1, x.ndim)))
+        out = torch.addcdiv(-torch.log(sigma) - _HALF_LOG_2PI, squares, sigma.square(), value=-0.5)
         return out if reduction == "mean" else out * x[0].numel()
     elementwise = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
     elementwise = elementwise.flatten(1)

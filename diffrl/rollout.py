@@ -97,21 +97,24 @@ def guided_noise_pred(
     latents = latents.to(prompt_embeds.dtype)
     if negative_prompt_embeds is None or guidance_scale <= 1.0:
         return unet(latents, timesteps, encoder_hidden_states=prompt_embeds, **unet_kwargs).sample.float()
-    timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+    timesteps = torch.as_tensor(timesteps, device=latents.device)
+    if timesteps.ndim:  # one per sample (a scalar is broadcast by the UNet itself)
+        timesteps = torch.cat([timesteps, timesteps])
     out = unet(
         torch.cat([latents, latents]),
-        torch.cat([timesteps, timesteps]),
+        timesteps,
         encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
         **unet_kwargs,
     ).sample
     uncond, cond = out.float().chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    return torch.lerp(uncond, cond, guidance_scale)  # uncond + w (cond - uncond)
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     """VAE-decode final latents ``[B, C, h, w]`` to float32 images ``[B, 3, H, W]`` in [0, 1]."""
     vae = pipe.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    dtype = next(vae.parameters()).dtype  # vae.dtype walks every module for offloading hooks
+    images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -156,7 +159,7 @@ class Transition:
         pipeline is; ``t`` a scalar or ``[B]``."""
         unet = unet if unet is not None else self.pipe.unet
         if self.is_lcm:
-            cond = guidance_embedding(self.pipe, self.guidance_scale, x.shape[0], x.device)
+            cond = guidance_embedding(self.pipe, self.guidance_scale, x.shape[0], x.device, embeds.dtype)
             return guided_noise_pred(unet, x, t, embeds, None, 1.0, timestep_cond=cond)
         model_input = self.pipe.scheduler.scale_model_input(x, t)
         return guided_noise_pred(unet, model_input, t, embeds, negative, self.guidance_scale)

@@ -469,20 +469,23 @@ def optimizer_step(optimizer, params, named_params, loss_fault: str | None, conf
     """Clip and step, unless the accumulated loss or gradients are non-finite on any process (then
     the gradients are dropped). Returns what was non-finite, or None when the step was taken.
 
-    Under fp16 the grad scaler already skips overflowing steps (that is how it tunes its scale),
-    so only a non-finite loss counts as a fault there."""
+    The total gradient norm (one multi-tensor operation) is finite exactly when every gradient is,
+    so the tensors are searched for the culprit only when it is not. Under fp16 the grad scaler
+    already skips overflowing steps (that is how it tunes its scale), so only a non-finite loss
+    counts as a fault there."""
     scaled = accelerator.scaler is not None
     fault = loss_fault
-    if not scaled:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not scaled and grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
         bad = [
             n.removeprefix("module.")
             for n, p in named_params
-            if p.grad is not None and not torch.isfinite(p.grad).all()
+            if p.grad is not None and not p.grad.isfinite().all()
         ]
-        if bad:
-            fault = "; ".join(
-                filter(None, [fault, f"non-finite gradients in {len(bad)} tensors, e.g. {bad[0]}"])
-            )
+        what = (
+            f"non-finite gradients in {len(bad)} tensors, e.g. {bad[0]}" if bad else "gradient norm overflow"
+        )
+        fault = "; ".join(filter(None, [fault, what]))
     if accelerator.num_processes > 1:  # every process must take the same decision
         flags = accelerator.gather(torch.tensor([fault is not None], device=accelerator.device))
         if flags.any() and fault is None:
@@ -745,6 +748,20 @@ def write_epoch_outputs(
 # ============================================================================ the loop
 
 
+def make_optimizer(params: list, config: Config) -> torch.optim.AdamW:
+    """AdamW over ``params`` with ``train``'s settings, updating all tensors in one multi-tensor
+    call (``foreach``; torch's default only on CUDA): a LoRA has a hundred small tensors."""
+    t = config.train
+    return torch.optim.AdamW(
+        params,
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.adam_weight_decay,
+        eps=t.adam_epsilon,
+        foreach=True,
+    )
+
+
 def build_policy(config: Config, accelerator: Accelerator):
     """Load the pipeline, attach what is trained, build AdamW and let accelerate wrap the UNet
     (LoRA lives inside the DDP module, so its gradients are all-reduced).
@@ -752,20 +769,13 @@ def build_policy(config: Config, accelerator: Accelerator):
     Returns ``(pipe, unet, params, optimizer)``; ``unet`` is the wrapped training module and
     ``pipe.unet`` the same weights, unwrapped, for sampling and saving.
     """
-    m, t = config.model, config.train
+    m = config.model
     set_seed(config.run.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.mixed_precision]
     pipe = load_pipeline(m.pretrained, revision=m.revision, device=accelerator.device)
     set_attention(pipe.unet, m.attention, accelerator.device)
     params = prepare_unet(pipe, config, weight_dtype)
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=t.learning_rate,
-        betas=(t.adam_beta1, t.adam_beta2),
-        weight_decay=t.adam_weight_decay,
-        eps=t.adam_epsilon,
-    )
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    unet, optimizer = accelerator.prepare(pipe.unet, make_optimizer(params, config))
     return pipe, unet, params, optimizer
 
 

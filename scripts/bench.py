@@ -51,7 +51,16 @@ from diffrl.guidance import svdd
 from diffrl.pipelines import load_pipeline
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_branches, sample_trajectories
-from diffrl.trainer import Learner, NonFiniteGuard, Streams, prepare_unet, stack_epoch, train, train_epoch
+from diffrl.trainer import (
+    Learner,
+    NonFiniteGuard,
+    Streams,
+    make_optimizer,
+    prepare_unet,
+    stack_epoch,
+    train,
+    train_epoch,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +84,7 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
     )
     pipe = load_pipeline("tiny-sd")
     params = prepare_unet(pipe, config, torch.float32)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = make_optimizer(params, config)
     unet, prompts = pipe.unet, [f"a red circle {i}" for i in range(batch)]
     generator = torch.Generator().manual_seed(0)
     traj = sample_trajectories(pipe, prompts, num_steps=steps, generator=generator)

@@ -17,6 +17,8 @@ Unlike ``DDIMScheduler.step`` it accepts one timestep per sample and returns the
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
@@ -71,22 +73,12 @@ def ddim_step_with_logprob(
     config = scheduler.config
     batch, ndim = sample.shape[0], sample.ndim
 
-    # 1. previous timestep t - 1000/T, per sample
+    # 1.-3. alpha_t, alpha_{t-1}, sigma_t(eta) and the affine a, b of each sample's timestep
     t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1).expand(batch)
-    prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
-
-    # 2. alpha_t and alpha_{t-1} (DDIM's alpha is the cumulative product ᾱ)
-    alphas_cumprod = scheduler.alphas_cumprod.to(sample.device, torch.float32)
-    alpha_prod_t = _per_sample(alphas_cumprod, t, ndim)
-    alpha_prod_prev = torch.where(
-        prev_t >= 0,
-        alphas_cumprod[prev_t.clamp(min=0)],
-        torch.as_tensor(float(scheduler.final_alpha_cumprod), device=sample.device),
-    ).view(-1, *([1] * (ndim - 1)))
-
-    # 3. sigma_t(eta) (Eq. 16)
-    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
-    std = eta * variance.sqrt()
+    shape = (batch, *([1] * (ndim - 1)))
+    alpha_prod_t, alpha_prod_prev, std, a, b = (
+        column.view(shape) for column in step_coefficients(scheduler, eta, sample.device)[t].unbind(1)
+    )
     noise = None
     if prev_sample is None and eta > 0:
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
@@ -97,7 +89,6 @@ def ddim_step_with_logprob(
     if config.thresholding or config.clip_sample:
         mean = _clipped_mean(scheduler, sample, noise_pred, alpha_prod_t, alpha_prod_prev, std)
     else:
-        a, b = affine_coefficients(config.prediction_type, alpha_prod_t, alpha_prod_prev, std)
         if with_logprob and use_triton(sample, noise_pred, op="ddim step"):
             mean, prev, log_prob = fused_ddim_step_logprob(
                 sample,
@@ -120,6 +111,50 @@ def ddim_step_with_logprob(
     # 6. log pi(x_{t-1} | x_t), element mean
     log_prob = gaussian_logprob(prev_sample, mean, std) if with_logprob else None
     return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+
+
+_coefficient_tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def step_coefficients(scheduler: DDIMScheduler, eta: float, device) -> torch.Tensor:
+    """The per-timestep numbers of the DDIM step for every training timestep t (the row index):
+    ``[num_train_timesteps, 5]`` float32 columns (ᾱ_t, ᾱ_{t-1}, sigma_t(eta), a, b) with a, b of
+    :func:`affine_coefficients`. They depend on the schedule only, so they are computed once per
+    (``set_timesteps``, eta, device) and kept for the scheduler: a step then gathers one row per
+    sample instead of running some thirty small tensor operations."""
+    config = scheduler.config
+    key = (
+        scheduler.num_inference_steps,
+        eta,
+        device,
+        id(scheduler.alphas_cumprod),
+        id(scheduler.final_alpha_cumprod),
+        config.prediction_type,
+    )
+    cached = _coefficient_tables.get(scheduler)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+
+    # 1. every timestep t and its previous one t - 1000/T
+    t = torch.arange(config.num_train_timesteps, device=device)
+    prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
+
+    # 2. alpha_t and alpha_{t-1} (DDIM's alpha is the cumulative product ᾱ)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device, torch.float32)
+    alpha_prod_t = alphas_cumprod[t]
+    alpha_prod_prev = torch.where(
+        prev_t >= 0,
+        alphas_cumprod[prev_t.clamp(min=0)],
+        torch.as_tensor(float(scheduler.final_alpha_cumprod), device=device),
+    )
+
+    # 3. sigma_t(eta) (Eq. 16)
+    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    std = eta * variance.sqrt()
+    a, b = affine_coefficients(config.prediction_type, alpha_prod_t, alpha_prod_prev, std)
+    table = torch.stack([alpha_prod_t, alpha_prod_prev, std, a, b], dim=1)
+    _coefficient_tables[scheduler] = (key, table)
+    return table
 
 
 def _clipped_mean(scheduler, sample, model_output, alpha_prod_t, alpha_prod_prev, std) -> torch.Tensor:

@@ -24,15 +24,18 @@ from diffrl.policies.ddim import predicted_x0
 from diffrl.types import StepOutput
 
 
-def guidance_embedding(pipe, guidance_scale: float, batch: int, device=None) -> torch.Tensor | None:
+def guidance_embedding(
+    pipe, guidance_scale: float, batch: int, device=None, dtype=None
+) -> torch.Tensor | None:
     """``timestep_cond`` for an LCM UNet: the embedding of w − 1 (LCM's convention), ``[B, d]`` on
-    ``device`` (default the pipeline's execution device); None when the UNet has no guidance embedding."""
+    ``device`` in ``dtype`` (default the pipeline's execution device and the UNet's dtype, which
+    diffusers finds by walking every module); None when the UNet has no guidance embedding."""
     dim = pipe.unet.config.time_cond_proj_dim
     if dim is None:
         return None
     w = torch.full((batch,), guidance_scale - 1.0)
     return pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(
-        device or pipe._execution_device, pipe.unet.dtype
+        device or pipe._execution_device, dtype or pipe.unet.dtype
     )
 
 
