@@ -5,7 +5,8 @@ interleaved (A, B, A, B, ...) in one process; each ratio is the median over repe
 two runs made back to back (the machine's speed drifts by up to 30% between seconds, not within a pair):
 
   (a) rollout: ``sample_trajectories`` (prompt encoding, T guided UNet calls, T policy steps with
-      log-probs, VAE decode) / the T bare guided UNet forwards on the same inputs;
+      log-probs, VAE decode) / the T bare guided UNet forwards on the same inputs; also against
+      those forwards plus a bare VAE decode of the final latents (the model calls any rollout makes);
   (b) training: one DDPO minibatch (T trained timesteps: guided forward, log-prob, PPO loss,
       backward, clip, Adam step) / the T bare UNet forward+backward passes on the same inputs.
 
@@ -122,6 +123,12 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
     def plain():
         sample_trajectories(pipe, prompts[: len(trunks)] * branches, num_steps=steps, generator=generator)
 
+    final = traj.latents[:, -1] / pipe.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def bare_decode():
+        pipe.vae.decode(final)
+
     def bare_backward():
         for x, t in zip(inputs, t2):
             unet(x, t, encoder_hidden_states=embeds).sample.float().pow(2).mean().backward()
@@ -130,6 +137,7 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
     cases = {
         "rollout": rollout,
         "bare_forward": bare_forward,
+        "bare_decode": bare_decode,
         "train_step": train_step,
         "bare_backward": bare_backward,
         "branch_sampling": branched,
@@ -152,6 +160,9 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
         "repeats": repeats,
         "median_seconds": med,
         "rollout_ratio": paired("rollout", "bare_forward"),
+        "rollout_ratio_with_decode": statistics.median(
+            r / (f + d) for r, f, d in zip(times["rollout"], times["bare_forward"], times["bare_decode"])
+        ),
         "train_ratio": paired("train_step", "bare_backward"),
         "branch_images": len(trunks) * branches,
         "branch_speedup": paired("plain_sampling", "branch_sampling"),
@@ -325,6 +336,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(
         f"| rollout | {med['rollout']:.4f} | {med['bare_forward']:.4f} | {result['rollout_ratio']:.3f} | <= 1.05 |"
+    )
+    print(
+        f"| rollout vs bare UNet + VAE decode | {med['rollout']:.4f} | {med['bare_forward'] + med['bare_decode']:.4f} "
+        f"| {result['rollout_ratio_with_decode']:.3f} | |"
     )
     print(f"(sampling: {args.batch / med['rollout']:.1f} images/s)")
     print(
