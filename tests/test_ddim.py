@@ -80,6 +80,26 @@ def test_std_is_ddpm_posterior_std_times_eta():
     torch.testing.assert_close(out.std.flatten(), (0.5 * posterior_var.sqrt()).expand(3))
 
 
+def test_one_scheduler_follows_its_schedule_and_eta_changes():
+    """The step's per-schedule coefficient table is rebuilt for a new ``set_timesteps`` or eta:
+    each call still matches diffusers' own step (eta 0) and the posterior std (eta > 0)."""
+    scheduler = _scheduler(num_steps=20)
+    reference = _scheduler(num_steps=20)
+    sample, noise_pred = _inputs()
+    for num_steps, eta in [(20, 1.0), (10, 1.0), (10, 0.3), (50, 0.0), (20, 1.0)]:
+        scheduler.set_timesteps(num_steps)
+        reference.set_timesteps(num_steps)
+        i = 3
+        t, t_prev = int(scheduler.timesteps[i]), int(scheduler.timesteps[i + 1])
+        out = ddim_step_with_logprob(scheduler, noise_pred, t, sample, eta=eta, with_logprob=eta > 0)
+        a_t, a_prev = scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[t_prev]
+        std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        torch.testing.assert_close(out.std.flatten(), std.expand(3))
+        if eta == 0:
+            want = reference.step(noise_pred, t, sample, eta=0.0).prev_sample
+            torch.testing.assert_close(out.prev_sample, want, rtol=1e-5, atol=1e-5)
+
+
 def test_per_sample_timesteps_equal_separate_calls():
     scheduler = _scheduler()
     sample, noise_pred = _inputs(4)
