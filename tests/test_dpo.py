@@ -204,3 +204,30 @@ def test_short_dpo_run_raises_alignment_on_two_object_prompts(tmp_path, relation
     )
     assert_raised(before, after)
     assert after["attributes"]["relation"] > before["attributes"]["relation"] + 0.1, (before, after)
+
+
+@pytest.fixture(scope="module")
+def best_sample_winners(tmp_path_factory):
+    """The best of 4 20-step samples for each two-object prompt, 8 per prompt: SePPO reads only the
+    winners, and winners the model drew itself differ from its reference samples in what they show
+    (the relation right more often), not in how they are drawn, as renders would."""
+    out = tmp_path_factory.mktemp("best_winners")
+    write_toy_preferences(
+        load_pipeline("tiny"), PAIR_PROMPTS * 8, out, samples=4, num_steps=20, winners="best"
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_short_seppo_run_raises_alignment_on_two_object_prompts(tmp_path, best_sample_winners):
+    """The config's SePPO (references drawn from the 7 newest checkpoints, anchor-based flipper)."""
+    before, after, _ = train_and_compare(
+        "tiny",
+        "seppo/tiny_alignment.yaml",
+        PAIR_PROMPTS,
+        tmp_path,
+        f"dpo.data={best_sample_winners}",
+        "run.num_epochs=20",
+        settings=TWENTY_STEPS,
+    )
+    assert_raised(before, after)
