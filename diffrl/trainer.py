@@ -775,6 +775,8 @@ def build_policy(config: Config, accelerator: Accelerator):
     pipe = load_pipeline(m.pretrained, revision=m.revision, device=accelerator.device)
     set_attention(pipe.unet, m.attention, accelerator.device)
     params = prepare_unet(pipe, config, weight_dtype)
+    if m.compile:  # in place: pipe.unet stays the same module (LoRA saving, merging, adapters)
+        pipe.unet.compile()
     unet, optimizer = accelerator.prepare(pipe.unet, make_optimizer(params, config))
     return pipe, unet, params, optimizer
 

@@ -14,7 +14,7 @@ trl is never a dependency of diffrl: install it into an environment of its own.
 
     python -m venv .venv-trl
     .venv-trl/bin/pip install torch==2.14.1 torchvision==0.29.1 -e . trl==0.23.1
-    .venv-trl/bin/python scripts/bench_trl.py [--rounds 2] [--epochs 4] [--json out.json]
+    .venv-trl/bin/python scripts/bench_trl.py [--rounds 2] [--epochs 4] [--variants NAME ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ VARIANTS = {
     "diffrl, defaults": [],
     "+ train.timesteps_per_pass=20": ["train.timesteps_per_pass=20"],
     "+ sample.merge_lora=true": ["train.timesteps_per_pass=20", "sample.merge_lora=true"],
+    "+ model.compile=true": ["train.timesteps_per_pass=20", "sample.merge_lora=true", "model.compile=true"],
     "timesteps_per_pass=20, mixed_precision=bf16": [
         "train.timesteps_per_pass=20",
         "model.mixed_precision=bf16",
@@ -159,9 +160,10 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2, help="rounds of trl, every variant, then back")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is not counted)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    names = ["trl", *VARIANTS]
+    names = ["trl", *args.variants]
     times = {name: [] for name in names}
     for _ in range(args.rounds):
         for name in names + names[::-1]:
@@ -171,12 +173,12 @@ def main() -> None:
                 run = isolated(diffrl_epochs, args.epochs, VARIANTS[name])["seconds"]
             times[name] += run
             print(f"{name}: {' '.join(f'{s:.2f}' for s in run)} s/epoch", flush=True)
-    ratios = {name: isolated(ratio_check, overrides) for name, overrides in VARIANTS.items()}
+    ratios = {name: isolated(ratio_check, VARIANTS[name]) for name in args.variants}
     speed = {name: IMAGES / statistics.median(t) for name, t in times.items()}
     print("| trainer | images/s (full DDPO epoch, median) | × trl | max \\|log ratio\\| re-scored |")
     print("|---|---|---|---|")
     print(f"| trl 0.23.1 DDPOTrainer | {speed['trl']:.2f} | 1.00 | |")
-    for name in VARIANTS:
+    for name in args.variants:
         print(
             f"| {name} | {speed[name]:.2f} | {speed[name] / speed['trl']:.2f} "
             f"| {ratios[name]['max_abs_log_ratio']:.1e} |"
@@ -186,7 +188,7 @@ def main() -> None:
             "images_per_second": speed,
             "epoch_seconds": times,
             "ratio_check": ratios,
-            "variants": VARIANTS,
+            "variants": {name: VARIANTS[name] for name in args.variants},
         }
         Path(args.json).write_text(json.dumps(result, indent=2))
 
