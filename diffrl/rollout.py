@@ -187,13 +187,20 @@ class Transition:
         last of an LCM's H (its last step maps x_{τ_H} to the final latents deterministically)."""
         return timesteps[:-1] if self.is_lcm else timesteps
 
-    def start(self, prompts, num_steps, generator, height, width, negative_prompt):
-        """Embeddings, x_T, the schedule and the first noise prediction (the only one not made for a candidate)."""
-        device = self.pipe._execution_device  # walks every module: looked up once per rollout
+    def begin(self, prompts, num_steps, generator, height, width, negative_prompt, latents=None):
+        """Embeddings, x_T (``latents`` or fresh noise) and the schedule's timesteps on the
+        pipeline's execution device (looked up once: diffusers walks every module for it)."""
+        device = self.pipe._execution_device
         embeds, negative = self.encode(prompts, negative_prompt, device)
-        x = initial_noise(self.pipe, len(prompts), height, width, generator, None, device)
+        x = initial_noise(self.pipe, len(prompts), height, width, generator, latents, device)
         self.pipe.scheduler.set_timesteps(num_steps, device=device)
-        timesteps = self.pipe.scheduler.timesteps
+        return embeds, negative, x, self.pipe.scheduler.timesteps
+
+    def start(self, prompts, num_steps, generator, height, width, negative_prompt):
+        """:meth:`begin` and the first noise prediction (the only one not made for a candidate)."""
+        embeds, negative, x, timesteps = self.begin(
+            prompts, num_steps, generator, height, width, negative_prompt
+        )
         return embeds, negative, x, timesteps, self.noise_pred(x, timesteps[0], embeds, negative)
 
 
@@ -290,11 +297,9 @@ def sample_branches(
         are copied into every branch.
     """
     transition = Transition(pipe, guidance_scale, eta)
-    device = pipe._execution_device  # walks every module: looked up once per rollout
-    prompt_embeds, negative_embeds = transition.encode(prompts, negative_prompt, device)
-    x = initial_noise(pipe, len(prompts), height, width, generator, latents, device)
-    pipe.scheduler.set_timesteps(num_steps, device=device)
-    timesteps = pipe.scheduler.timesteps
+    prompt_embeds, negative_embeds, x, timesteps = transition.begin(
+        prompts, num_steps, generator, height, width, negative_prompt, latents
+    )
     actions = transition.actions(timesteps)
     if not 0 <= branch_step <= len(actions) or num_branches < 1:
         raise ValueError(

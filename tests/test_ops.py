@@ -7,10 +7,11 @@ from diffrl.ops import gaussian_logprob
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_gaussian_logprob_matches_torch_distributions(reduction):
+@pytest.mark.parametrize("std_shape", [(3, 1, 1, 1), (3, 4, 5, 6)], ids=["per_sample", "per_element"])
+def test_gaussian_logprob_matches_torch_distributions(reduction, std_shape):
     g = torch.Generator().manual_seed(0)
     x, mean = torch.randn(3, 4, 5, 6, generator=g), torch.randn(3, 4, 5, 6, generator=g)
-    std = torch.rand(3, 1, 1, 1, generator=g) + 0.1
+    std = torch.rand(std_shape, generator=g) + 0.1
     expected = torch.distributions.Normal(mean, std).log_prob(x).flatten(1)
     expected = expected.mean(1) if reduction == "mean" else expected.sum(1)
     torch.testing.assert_close(gaussian_logprob(x, mean, std, reduction), expected)
