@@ -12,6 +12,7 @@ import torch
 from diffrl import rewards
 from diffrl.errors import ConfigError
 from diffrl.files import image_grid, save_png
+from diffrl.types import SamplerSettings
 
 GUIDANCE = ("none", "svdd-pm", "svdd-mc", "best-of-n", "smc")
 
@@ -25,6 +26,7 @@ def _sample(args: argparse.Namespace) -> int:
     from diffrl.evaluation import load_for_eval
     from diffrl.files import atomic_write_bytes
     from diffrl.guidance import svdd
+    from diffrl.guidance.value import load_value_net, value_net_value
     from diffrl.prompts import load_prompts
 
     if args.guidance in ("svdd-pm", "best-of-n", "smc") and not args.reward:
@@ -34,42 +36,33 @@ def _sample(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompt if args.prompt else args.prompts).prompts
     prompts = [prompts[i % len(prompts)] for i in range(args.num_images or len(prompts))]
     reward_fn = rewards.get(args.reward) if args.reward else None
-    value_net = svdd.load_value_net(args.value_net) if args.value_net else None
+    value_net = load_value_net(args.value_net) if args.value_net else None
     pipe, _ = load_for_eval(args.model)
-    settings = dict(
-        num_steps=args.num_steps,
-        guidance_scale=args.guidance_scale,
-        eta=args.eta,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    settings = SamplerSettings(num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta)
+    generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     if args.guidance == "none":  # plain sampling: SVDD with one candidate (DDIM or LCM policy)
-        out = svdd.svdd(pipe, prompts, None, num_candidates=1, **settings)
+        out = svdd.svdd(pipe, prompts, None, settings, num_candidates=1, generator=generator)
     elif args.guidance in ("svdd-pm", "svdd-mc"):
         value = (
-            svdd.posterior_mean_value(reward_fn)
-            if args.guidance == "svdd-pm"
-            else svdd.value_net_value(value_net)
+            svdd.posterior_mean_value(reward_fn) if args.guidance == "svdd-pm" else value_net_value(value_net)
         )
         out = svdd.svdd(
             pipe,
             prompts,
             value,
+            settings,
             num_candidates=args.M,
             alpha=args.alpha,
             resample_fraction=args.resample_fraction,
-            **settings,
+            generator=generator,
         )
     elif args.guidance == "best-of-n":
-        out = svdd.best_of_n(pipe, prompts, reward_fn, n=args.M, **settings)
+        out = svdd.best_of_n(pipe, prompts, reward_fn, settings, n=args.M, generator=generator)
     else:
+        value = svdd.posterior_mean_value(reward_fn)
         out = svdd.smc(
-            pipe,
-            prompts,
-            svdd.posterior_mean_value(reward_fn),
-            num_particles=args.M,
-            alpha=args.alpha or 0.1,
-            **settings,
+            pipe, prompts, value, settings, num_particles=args.M, alpha=args.alpha or 0.1, generator=generator
         )
     images, calls = out.images, out.unet_calls
     seconds = time.perf_counter() - start
@@ -114,7 +107,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _train_value(args: argparse.Namespace) -> int:
     """``diffrl train-value``: fit SVDD-MC's value network on rollouts of a pipeline."""
     from diffrl.evaluation import load_for_eval
-    from diffrl.guidance import svdd
+    from diffrl.guidance import value
     from diffrl.prompts import load_prompts
 
     source = load_prompts(args.prompts)
@@ -125,18 +118,17 @@ def _train_value(args: argparse.Namespace) -> int:
     for start in range(0, args.num_rollouts, args.batch_size):
         prompts = source.sample(min(args.batch_size, args.num_rollouts - start), generator)
         chunks.append(
-            svdd.value_targets(
+            value.value_targets(
                 pipe,
                 prompts,
                 reward_fn,
-                num_steps=args.num_steps,
-                guidance_scale=args.guidance_scale,
+                SamplerSettings(num_steps=args.num_steps, guidance_scale=args.guidance_scale),
                 generator=generator,
             )
         )
     data = [torch.cat(parts) for parts in zip(*chunks)]
-    net = svdd.train_value_net(data, epochs=args.epochs, seed=args.seed)
-    svdd.save_value_net(net, args.out)
+    net = value.train_value_net(data, epochs=args.epochs, seed=args.seed)
+    value.save_value_net(net, args.out)
     with torch.no_grad():
         mse = (net(*data[:3]) - data[3]).pow(2).mean().item()
     print(
@@ -169,9 +161,15 @@ Multi-process: accelerate launch scripts/train.py CONFIG [key=value ...]
 
 
 def _train(args: argparse.Namespace) -> int:
+    config = resolve_train_config(args.config, args.overrides, args.resume)
+    if args.print_config:
+        from diffrl.config import annotated
+
+        print(annotated(config), end="")
+        return 0
     from diffrl.trainer import train
 
-    train(resolve_train_config(args.config, args.overrides, args.resume))
+    train(config)
     return 0
 
 
@@ -270,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
     train.add_argument(
         "--resume", metavar="PATH", help="run folder (its newest checkpoint) or checkpoint folder"
+    )
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config, each value marked with where it came from, and exit",
     )
     train.set_defaults(func=_train)
 

@@ -3,29 +3,27 @@
 A config file has the sections below; every field has a one-line doc and a default from the
 DDPO paper's PyTorch implementation. Override any field from the command line with
 ``section.field=value`` (the value is parsed as YAML: ``train.learning_rate=1e-4``,
-``prompts.source=[a cat, a dog]``; YAML 1.2 scalars, so ``no`` is a string, not false). Unknown keys, wrong types and out-of-range values raise
-:class:`ConfigError` naming the key, before any model is loaded.
+``prompts.source=[a cat, a dog]``; YAML 1.2 scalars, so ``no`` is a string, not false). Unknown
+keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key, before any
+model is loaded. Each section checks its own fields (its ``validate``, beside them); checks
+across sections are the algorithm's (``validate`` in its module).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from diffrl.algorithms import d3po, dpo, rlcm
+from diffrl import algorithms
 from diffrl.algorithms.b2diffurl import B2DiffuRLConfig
 from diffrl.algorithms.d3po import D3POConfig
 from diffrl.algorithms.dpo import DPOConfig
-from diffrl.errors import ConfigError
+from diffrl.configfile import annotated_yaml, apply_overrides, build, leaf_keys, read_yaml_file, with_defaults
+from diffrl.errors import ConfigError, require
 
 
 @dataclass
@@ -52,6 +50,9 @@ class ModelConfig:
     """``torch.compile`` the UNet in place (sampling and training; the first calls of each input
     shape compile, ~35 s each for the tiny UNet on 2 CPU cores; needs a C++ compiler on CPU)."""
 
+    def validate(self) -> None:
+        require(self.lora_rank >= 1, "model.lora_rank", f"must be >= 1, got {self.lora_rank}")
+
 
 @dataclass
 class SampleConfig:
@@ -69,10 +70,25 @@ class SampleConfig:
     """Image side in pixels (default: the model's native size)."""
     negative_prompt: str = ""
     """Prompt of the unconditional branch of guidance."""
-    merge_lora: bool = False
+    merge_lora: bool | Literal["auto"] = "auto"
     """Fold each LoRA update into its base weight while an epoch samples (one matmul per layer
     instead of three) and restore the exact base weights for training. The sampler's log-probs then
-    differ from the training pass's by float rounding, which the trainer's ratio check measures."""
+    differ from the training pass's by float rounding, which the epoch's ratio check measures;
+    auto: merged in float32 until a check measures a mean |log ratio| above 1e-5."""
+
+    def validate(self) -> None:
+        for key in ("num_steps", "batch_size", "num_batches_per_epoch"):
+            require(getattr(self, key) >= 1, f"sample.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(
+            self.num_steps <= 1000,
+            "sample.num_steps",
+            f"must be <= 1000 (training timesteps), got {self.num_steps}",
+        )
+        require(
+            self.resolution is None or self.resolution > 0,
+            "sample.resolution",
+            f"must be > 0, got {self.resolution}",
+        )
 
 
 @dataclass
@@ -97,11 +113,12 @@ class TrainConfig:
     """Passes over each epoch's samples."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's T steps trained, in (0, 1]."""
-    timesteps_per_pass: int = 1
+    timesteps_per_pass: int | Literal["auto"] = "auto"
     """Trained timesteps of a minibatch computed in one forward/backward pass (a batch of
     train.batch_size × this). The update is the same for any value (the policy does not change
     inside an accumulation window; only the float summation order differs); larger values run
-    small models much faster, and cost that many times the activation memory."""
+    small models much faster, and cost that many times the activation memory. auto: all of them
+    on the CPU, on CUDA as many as the free memory holds (logged)."""
     cfg: bool = True
     """Use classifier-free guidance in the training forward pass (the policy is the guided eps)."""
     adv_clip_max: float = 5.0
@@ -114,6 +131,28 @@ class TrainConfig:
     """Largest mean |log ratio| allowed when the unchanged policy re-scores its stored actions
     (checked on each epoch's first minibatch before any update; 0 turns the check off)."""
 
+    def validate(self) -> None:
+        for key in ("learning_rate", "adam_epsilon", "max_grad_norm", "adv_clip_max", "clip_range"):
+            require(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("ratio_tolerance", "adam_weight_decay"):
+            require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        for key in ("adam_beta1", "adam_beta2"):
+            require(
+                0 <= getattr(self, key) < 1, f"train.{key}", f"must be in [0, 1), got {getattr(self, key)}"
+            )
+        require(
+            self.timesteps_per_pass == "auto" or self.timesteps_per_pass >= 1,
+            "train.timesteps_per_pass",
+            f"must be >= 1 or auto, got {self.timesteps_per_pass}",
+        )
+        require(
+            0 < self.timestep_fraction <= 1,
+            "train.timestep_fraction",
+            f"must be in (0, 1], got {self.timestep_fraction}",
+        )
+        for key in ("batch_size", "gradient_accumulation_steps", "num_inner_epochs", "max_nonfinite_steps"):
+            require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+
 
 @dataclass
 class StatTrackingConfig:
@@ -123,6 +162,12 @@ class StatTrackingConfig:
     """Rewards remembered per prompt."""
     min_count: int = 16
     """Below this many rewards for a prompt, use the batch's mean and std."""
+
+    def validate(self) -> None:
+        for key in ("buffer_size", "min_count"):
+            require(
+                getattr(self, key) >= 1, f"stat_tracking.{key}", f"must be >= 1, got {getattr(self, key)}"
+            )
 
 
 @dataclass
@@ -136,6 +181,13 @@ class RewardConfig:
     on_error: Literal["fail", "drop"] = "fail"
     """On a reward that raises, times out or returns bad values: stop the run (fail), or drop
     the affected samples from the epoch (drop: they get no advantage and no reward statistics)."""
+
+    def validate(self) -> None:
+        require(
+            self.timeout is None or self.timeout > 0,
+            "reward.timeout",
+            f"must be > 0 seconds or null, got {self.timeout}",
+        )
 
 
 @dataclass
@@ -165,11 +217,16 @@ class RunConfig:
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bitwise-reproducible runs and resumes (slower on GPU)."""
 
+    def validate(self) -> None:
+        for key in ("num_epochs", "save_freq", "keep_last"):
+            require(getattr(self, key) >= 1, f"run.{key}", f"must be >= 1, got {getattr(self, key)}")
+
 
 @dataclass
 class Config:
-    algorithm: Literal["ddpo", "b2diffurl", "rlcm", "d3po", "dpo", "seppo"] = "ddpo"
-    """Training algorithm: DDPO, B²-DiffuRL (DDPO's loss on branch-sampled, progressively longer
+    algorithm: str = "ddpo"
+    """Training algorithm, a registered name (:data:`diffrl.algorithms.REGISTRY`) or the import path
+    of a module with the algorithm interface: DDPO, B²-DiffuRL (DDPO's loss on branch-sampled, progressively longer
     suffixes), RLCM (DDPO's loss on a latent consistency model's sampler; unset keys take
     RLCM's defaults: sample.num_steps 8, guidance_scale 8, lr 1e-4, clip_range 1e-4,
     adv_clip_max 10, max_grad_norm 5, LoRA 8/8), D3PO (per-step DPO on pairs of chains that
@@ -191,356 +248,59 @@ class Config:
     """β, data and SePPO's references (used when algorithm = dpo or seppo)."""
 
 
-# ---------------------------------------------------------------------------- YAML 1.2 reading
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 scalars: only true/false are booleans (so
-    ``mixed_precision: no`` stays the string "no") and ``1e-4`` is a float."""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def _load_yaml(text: str):
-    return yaml.load(text, Loader=_Yaml12Loader)
-
-
-# ---------------------------------------------------------------------------- typed building
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(key: str, value: Any, tp) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(key, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
-    if tp is type(None):
-        if value is not None:
-            raise ConfigError(f"{key}: expected null")
-        return None
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float:
-        return _coerce_float(key, value)
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _coerce_float(key: str, value: Any) -> float:
-    """Ints and numeric strings (YAML 1.1 reads ``1e-4``, without a dot, as a string) become
-    floats; booleans, other strings and non-finite numbers are errors."""
-    number = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value) if abs(value) < 1e308 else math.inf
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-    if number is None:
-        raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
-    if not math.isfinite(number):
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    return number
-
-
-def _unknown_key(dotted: str, key: str, names: list[str], section: str) -> ConfigError:
-    """The error for a key that is not a field, with the closest field name as a suggestion."""
-    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-    hint = f"; did you mean {section + close[0]!r}?" if close else ""
-    return ConfigError(
-        f"unknown key {dotted!r}{hint} (valid keys of {section.rstrip('.') or 'the top level'}: {', '.join(names)})"
-    )
-
-
-def _build(cls, data: dict, prefix: str):
-    """Instantiate dataclass ``cls`` from ``data``, recursing into nested sections."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            raise _unknown_key(dotted, key, names, prefix)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, f"{dotted}.")
-        else:
-            kwargs[key] = _coerce(dotted, value, tp)
-    return cls(**kwargs)
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = data
-    for part in parents:
-        if node.get(part) is None:  # a missing section, or one left empty in the YAML file
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-    node[leaf] = value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        try:
-            value = _load_yaml(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(
-                f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)})"
-            ) from err
-        _set_dotted(data, key.strip(), value)
-    return data
-
-
-# ---------------------------------------------------------------------------- value checks
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
+# ---------------------------------------------------------------------------- checks and entry points
 
 
 def validate(config: Config) -> Config:
-    """Range and consistency checks that need no model; raises :class:`ConfigError`."""
-    s, t, st, r = config.sample, config.train, config.stat_tracking, config.run
-    for key, value in [
-        ("train.learning_rate", t.learning_rate),
-        ("train.adam_epsilon", t.adam_epsilon),
-        ("train.max_grad_norm", t.max_grad_norm),
-        ("train.adv_clip_max", t.adv_clip_max),
-        ("train.clip_range", t.clip_range),
-    ]:
-        _require(value > 0, key, f"must be > 0, got {value}")
-    _require(
-        s.eta > 0 or config.algorithm in ("rlcm", "dpo", "seppo"),
+    """Every section's own checks, then the checks across sections: the sampler the algorithm
+    trains on, and the algorithm's own (its module's ``validate``); raises :class:`ConfigError`."""
+    algorithm = algorithms.get(config.algorithm)
+    sections = [config.model, config.sample, config.train, config.stat_tracking, config.reward, config.run]
+    if algorithm.section:
+        sections.append(getattr(config, algorithm.section))
+    for section in sections:
+        section.validate()
+    s, t = config.sample, config.train
+    require(
+        s.eta > 0 or algorithm.offline or algorithm.model != "ddim",
         "sample.eta",
         f"must be > 0 for {config.algorithm}, which trains on step log-probabilities; eta={s.eta} makes "
         "the DDIM step deterministic (no density)",
     )
-    _require(t.ratio_tolerance >= 0, "train.ratio_tolerance", f"must be >= 0, got {t.ratio_tolerance}")
-    _require(
-        config.reward.timeout is None or config.reward.timeout > 0,
-        "reward.timeout",
-        f"must be > 0 seconds or null, got {config.reward.timeout}",
-    )
-    _require(t.adam_weight_decay >= 0, "train.adam_weight_decay", f"must be >= 0, got {t.adam_weight_decay}")
-    for key, value in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
-        _require(0 <= value < 1, key, f"must be in [0, 1), got {value}")
-    _require(
-        t.timesteps_per_pass >= 1, "train.timesteps_per_pass", f"must be >= 1, got {t.timesteps_per_pass}"
-    )
-    _require(
-        0 < t.timestep_fraction <= 1,
-        "train.timestep_fraction",
-        f"must be in (0, 1], got {t.timestep_fraction}",
-    )
-    for key, value in [
-        ("sample.num_steps", s.num_steps),
-        ("sample.batch_size", s.batch_size),
-        ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
-        ("train.batch_size", t.batch_size),
-        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-        ("train.num_inner_epochs", t.num_inner_epochs),
-        ("stat_tracking.buffer_size", st.buffer_size),
-        ("stat_tracking.min_count", st.min_count),
-        ("run.num_epochs", r.num_epochs),
-        ("run.save_freq", r.save_freq),
-        ("run.keep_last", r.keep_last),
-        ("model.lora_rank", config.model.lora_rank),
-        ("train.max_nonfinite_steps", t.max_nonfinite_steps),
-    ]:
-        _require(value >= 1, key, f"must be >= 1, got {value}")
-    _require(
-        s.num_steps <= 1000, "sample.num_steps", f"must be <= 1000 (training timesteps), got {s.num_steps}"
-    )
-    actions = s.num_steps - 1 if config.algorithm == "rlcm" else s.num_steps
-    _require(
-        config.algorithm != "rlcm" or s.num_steps >= 2,
-        "sample.num_steps",
-        f"RLCM needs H >= 2 consistency steps (H - 1 of them are trained actions), got {s.num_steps}",
-    )
-    _require(
+    algorithm.validate(config)
+    actions = s.num_steps - 1 if algorithm.model == "lcm" else s.num_steps
+    require(
         int(actions * t.timestep_fraction) >= 1,
         "train.timestep_fraction",
         f"trains int({actions} * {t.timestep_fraction}) = 0 timesteps",
     )
-    if config.algorithm == "b2diffurl":
-        _validate_b2diffurl(config)
-        return config
-    if config.algorithm == "d3po":
-        _validate_d3po(config)
-        return config
-    if config.algorithm in ("dpo", "seppo"):
-        _validate_dpo(config)
-        return config
-    samples = s.batch_size * s.num_batches_per_epoch
-    per_step = t.batch_size * t.gradient_accumulation_steps
-    _require(
-        samples % per_step == 0,
-        "train.batch_size",
-        f"sample.batch_size * sample.num_batches_per_epoch = {samples} samples per process must be a multiple "
-        f"of train.batch_size * train.gradient_accumulation_steps = {per_step} (whole optimizer steps per epoch)",
-    )
-    _require(
-        s.resolution is None or s.resolution > 0, "sample.resolution", f"must be > 0, got {s.resolution}"
-    )
     return config
 
 
-def _validate_b2diffurl(config: Config) -> None:
-    """B²-DiffuRL's schedule must fit in the sampler's steps. (Its selection keeps a varying number
-    of samples, padded to whole optimizer steps, so batch sizes need not divide.)"""
-    b, n = config.b2diffurl, config.sample.num_steps
-    _require(
-        1 <= b.min_trained_steps <= b.max_trained_steps <= n,
-        "b2diffurl.min_trained_steps",
-        f"need 1 <= min_trained_steps ({b.min_trained_steps}) <= max_trained_steps ({b.max_trained_steps}) "
-        f"<= sample.num_steps ({n})",
-    )
-    for key, value in [("b2diffurl.num_stages", b.num_stages), ("b2diffurl.num_branches", b.num_branches)]:
-        _require(value >= 1, key, f"must be >= 1, got {value}")
-    _require(b.history_stages >= 0, "b2diffurl.history_stages", f"must be >= 0, got {b.history_stages}")
-    _require(b.select_threshold >= 0, "b2diffurl.select_threshold", f"must be >= 0, got {b.select_threshold}")
-
-
-def _validate_d3po(config: Config) -> None:
-    """D3PO's settings. (Ties are not trained, so the number of pairs varies and is padded to whole
-    optimizer steps: batch sizes need not divide.)"""
-    d = config.d3po
-    _require(d.beta > 0, "d3po.beta", f"must be > 0, got {d.beta}")
-    _require(d.clamp is None or 0 < d.clamp < 1, "d3po.clamp", f"must be in (0, 1) or null, got {d.clamp}")
-    _require(d.group_size >= 2, "d3po.group_size", f"must be >= 2 (a pair per prompt), got {d.group_size}")
-    _require(
-        d.preferences == "reward" or not d.extra_rewards,
-        "d3po.extra_rewards",
-        "only used with preferences: reward (with human labels the rewards are only logged)",
-    )
-    _require(
-        d.reference != "pretrained" or config.model.use_lora,
-        "d3po.reference",
-        "pretrained needs model.use_lora: true (the reference is the UNet with its LoRA adapters "
-        "disabled; full fine-tuning would need a second UNet); or use reference: sampler",
-    )
-
-
-def _validate_dpo(config: Config) -> None:
-    """Diffusion-DPO's and SePPO's settings (their epochs are passes over ``dpo.data``)."""
-    d = config.dpo
-    _require(
-        bool(d.data),
-        "dpo.data",
-        "is required: a JSONL of {prompt, winner, loser}, a folder with pairs.jsonl, or hf:NAME",
-    )
-    _require(d.beta > 0, "dpo.beta", f"must be > 0, got {d.beta}")
-    _require(
-        0 <= d.empty_prompt_fraction < 1,
-        "dpo.empty_prompt_fraction",
-        f"must be in [0, 1), got {d.empty_prompt_fraction}",
-    )
-    _require(d.reference_pool >= 1, "dpo.reference_pool", f"must be >= 1, got {d.reference_pool}")
-    _require(
-        d.steps_per_epoch is None or d.steps_per_epoch >= 1,
-        "dpo.steps_per_epoch",
-        f"must be >= 1 or null, got {d.steps_per_epoch}",
-    )
-    _require(d.sample_steps >= 1, "dpo.sample_steps", f"must be >= 1, got {d.sample_steps}")
-    _require(
-        config.model.use_lora,
-        "model.use_lora",
-        f"{config.algorithm} needs LoRA: the reference is the UNet with its adapters disabled (or a "
-        "checkpoint's adapters swapped in); full fine-tuning would need a second UNet",
-    )
-
-
-# ---------------------------------------------------------------------------- entry points
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (or the defaults when ``path`` is None), apply overrides, check everything."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path}: no such file")
-        try:
-            data = _load_yaml(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as err:
-            raise ConfigError(
-                f"config file {path}: not UTF-8 text ({err.reason} at byte {err.start})"
-            ) from err
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(
-                f"config file {path}{where}: invalid YAML ({getattr(err, 'problem', err)})"
-            ) from err
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"config file {path}: expected a mapping of sections, got {type(data).__name__}"
-            )
+    """Read a YAML file (or the defaults when ``path`` is None), apply overrides, fill the
+    algorithm's defaults where keys are unset, check everything. The result's ``sources`` says
+    where each set value came from."""
+    data = read_yaml_file(Path(path)) if path is not None else {}
+    sources = dict.fromkeys(leaf_keys(data), "file")
     data = apply_overrides(data, list(overrides))
-    defaults = {"rlcm": rlcm.DEFAULTS, "d3po": d3po.DEFAULTS, "dpo": dpo.DEFAULTS, "seppo": dpo.DEFAULTS}.get(
-        data.get("algorithm")
-    )
+    sources.update(dict.fromkeys(leaf_keys(data) - set(sources), "override"))
+    sources.update(dict.fromkeys(_override_keys(overrides), "override"))
+    name = data.get("algorithm", "ddpo")
+    if not isinstance(name, str):
+        raise ConfigError(f"algorithm: expected a name or module path, got {name!r}")
+    defaults = algorithms.get(name).defaults
     if defaults:
-        data = _with_defaults(data, defaults)
-    return validate(_build(Config, data, ""))
+        filled = with_defaults(data, defaults)
+        sources.update(dict.fromkeys(leaf_keys(filled) - leaf_keys(data), "algorithm defaults"))
+        data = filled
+    config = build(Config, data)
+    config.sources = sources  # not a field: it is not part of the config file
+    return validate(config)
 
 
-def _with_defaults(data: dict, defaults: dict[str, dict]) -> dict:
-    """``data`` with ``defaults`` (section -> key -> value) filled in where a key is unset."""
-    merged = dict(data)
-    for section, values in defaults.items():
-        given = merged.get(section)
-        if given is None:
-            given = {}
-        if isinstance(given, dict):  # a non-mapping section is reported by _build
-            merged[section] = {**values, **given}
-    return merged
+def _override_keys(overrides) -> set[str]:
+    return {item.partition("=")[0].strip() for item in overrides}
 
 
 def to_dict(config: Config) -> dict:
@@ -551,3 +311,9 @@ def to_dict(config: Config) -> dict:
 def dump_yaml(config: Config) -> str:
     """The resolved config as YAML text that :func:`load_config` reads back to an equal config."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def annotated(config: Config) -> str:
+    """``--print-config``: the resolved config as YAML, each value followed by where it came from
+    (``file``, ``override``, ``algorithm defaults`` or ``default``)."""
+    return "\n".join(annotated_yaml(to_dict(config), getattr(config, "sources", {}))) + "\n"

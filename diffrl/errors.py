@@ -18,6 +18,12 @@ class ConfigError(DiffrlError, ValueError):
     """A config key, type or value is wrong; the message names the key."""
 
 
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise :class:`ConfigError` ``"key: message"`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
 class InputFileError(DiffrlError, ValueError):
     """A file the user supplied (prompts, preferences, labels) is missing, empty or malformed;
     the message names the file and, for line-based files, the line."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffrl.config import load_config
 from diffrl.pipelines import load_pipeline
 from diffrl.rollout import sample_trajectories
+from diffrl.types import SamplerSettings
 
 
 def load_for_eval(name_or_run: str):
@@ -73,7 +74,10 @@ def evaluate(
     for start in range(0, num_images, batch_size):
         batch = chosen[start : start + batch_size]
         traj = sample_trajectories(
-            pipe, batch, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, generator=generator
+            pipe,
+            batch,
+            SamplerSettings(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta),
+            generator=generator,
         )
         meta = [{} for _ in batch]
         rewards.append(reward_fn(traj.images, batch, meta))

@@ -18,10 +18,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.policies.ddim import ddim_step_with_logprob
 from diffrl.policies.lcm import guidance_embedding, lcm_step_with_logprob
-from diffrl.types import StepOutput, Trajectory
+from diffrl.types import SamplerSettings, StepOutput, Trajectory
 
 PROMPT_CACHE_SIZE = 256
 """Prompt embeddings kept per text encoder (least recently used dropped): 77 x 768 floats each for SD 1.5."""
+
+PLAIN = SamplerSettings()
+"""The default sampler: 50 DDIM steps, eta 1, guidance 5, the model's native size."""
 
 _prompt_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -187,20 +190,20 @@ class Transition:
         last of an LCM's H (its last step maps x_{τ_H} to the final latents deterministically)."""
         return timesteps[:-1] if self.is_lcm else timesteps
 
-    def begin(self, prompts, num_steps, generator, height, width, negative_prompt, latents=None):
+    def begin(self, prompts, settings: SamplerSettings, generator, latents=None):
         """Embeddings, x_T (``latents`` or fresh noise) and the schedule's timesteps on the
         pipeline's execution device (looked up once: diffusers walks every module for it)."""
         device = self.pipe._execution_device
-        embeds, negative = self.encode(prompts, negative_prompt, device)
-        x = initial_noise(self.pipe, len(prompts), height, width, generator, latents, device)
-        self.pipe.scheduler.set_timesteps(num_steps, device=device)
+        embeds, negative = self.encode(prompts, settings.negative_prompt, device)
+        x = initial_noise(
+            self.pipe, len(prompts), settings.height, settings.width, generator, latents, device
+        )
+        self.pipe.scheduler.set_timesteps(settings.num_steps, device=device)
         return embeds, negative, x, self.pipe.scheduler.timesteps
 
-    def start(self, prompts, num_steps, generator, height, width, negative_prompt):
+    def start(self, prompts, settings: SamplerSettings, generator):
         """:meth:`begin` and the first noise prediction (the only one not made for a candidate)."""
-        embeds, negative, x, timesteps = self.begin(
-            prompts, num_steps, generator, height, width, negative_prompt
-        )
+        embeds, negative, x, timesteps = self.begin(prompts, settings, generator)
         return embeds, negative, x, timesteps, self.noise_pred(x, timesteps[0], embeds, negative)
 
 
@@ -224,14 +227,9 @@ def _denoise(transition: Transition, latents, timesteps, prompt_embeds, negative
 def sample_trajectories(
     pipe,
     prompts: list[str],
+    settings: SamplerSettings = PLAIN,
     *,
-    num_steps: int = 50,
-    guidance_scale: float = 5.0,
-    eta: float = 1.0,
     generator: torch.Generator | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str = "",
     latents: torch.Tensor | None = None,
 ) -> Trajectory:
     """Sample one denoising chain per prompt with log-probabilities (DDPO Alg. 1, sampling phase).
@@ -240,30 +238,15 @@ def sample_trajectories(
         pipe: a ``StableDiffusionPipeline``-like pipeline with a ``DDIMScheduler``, or a
             ``LatentConsistencyModelPipeline`` with its ``LCMScheduler`` (RLCM's policy).
         prompts: B prompts.
-        num_steps: DDIM steps T, or an LCM's H steps (T = H − 1 actions); eta: DDIM
-            stochasticity (0 gives a deterministic chain without log-probabilities; unused by an LCM).
-        guidance_scale: classifier-free guidance weight w (<= 1 disables guidance); for an LCM
-            the w whose embedding the UNet takes (no doubling).
+        settings: steps, guidance, eta, size and negative prompt (:class:`SamplerSettings`).
         generator: RNG for the initial noise and every step's noise.
-        height, width: image size in pixels (default: the UNet's native size).
         latents: optional initial noise x_T ``[B, C, h, w]`` (else drawn from ``generator``).
 
     Returns:
         :class:`Trajectory`; no autograd graph is kept.
     """
     return sample_branches(
-        pipe,
-        prompts,
-        branch_step=0,
-        num_branches=1,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        eta=eta,
-        generator=generator,
-        height=height,
-        width=width,
-        negative_prompt=negative_prompt,
-        latents=latents,
+        pipe, prompts, settings, branch_step=0, num_branches=1, generator=generator, latents=latents
     )
 
 
@@ -271,16 +254,11 @@ def sample_trajectories(
 def sample_branches(
     pipe,
     prompts: list[str],
+    settings: SamplerSettings = PLAIN,
     *,
     branch_step: int,
     num_branches: int,
-    num_steps: int = 50,
-    guidance_scale: float = 5.0,
-    eta: float = 1.0,
     generator: torch.Generator | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str = "",
     latents: torch.Tensor | None = None,
 ) -> Trajectory:
     """Branch sampling (B²-DiffuRL, Hu et al. 2025, Sec. 4.2): each of the B chains runs its first
@@ -296,10 +274,8 @@ def sample_branches(
         i), with ``parents [B·K]`` = i; the shared prefix ``latents[:, :b+1]`` and its log-probs
         are copied into every branch.
     """
-    transition = Transition(pipe, guidance_scale, eta)
-    prompt_embeds, negative_embeds, x, timesteps = transition.begin(
-        prompts, num_steps, generator, height, width, negative_prompt, latents
-    )
+    transition = Transition(pipe, settings.guidance_scale, settings.eta)
+    prompt_embeds, negative_embeds, x, timesteps = transition.begin(prompts, settings, generator, latents)
     actions = transition.actions(timesteps)
     if not 0 <= branch_step <= len(actions) or num_branches < 1:
         raise ValueError(

@@ -68,3 +68,24 @@ class Trajectory:
     def num_steps(self) -> int:
         """T, the number of sampler steps (actions) in each chain."""
         return self.timesteps.shape[0]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How chains are sampled: the settings every rollout, guidance method and evaluation shares.
+
+    Attributes:
+        num_steps: DDIM steps T, or an LCM's H consistency steps (T = H − 1 actions).
+        guidance_scale: classifier-free guidance weight w (<= 1 disables guidance); for an LCM the
+            w whose embedding the UNet takes (no doubling).
+        eta: DDIM stochasticity (0: a deterministic chain without log-probabilities; unused by an LCM).
+        height, width: image size in pixels (None: the UNet's native size).
+        negative_prompt: the prompt of guidance's unconditional branch.
+    """
+
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str = ""

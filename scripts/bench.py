@@ -45,23 +45,18 @@ from accelerate import Accelerator
 from measure import isolated, queries_per_epoch
 
 from diffrl import rewards
+from diffrl.algorithms import Batch, ddpo
 from diffrl.config import load_config
 from diffrl.evaluation import diversity
 from diffrl.files import read_jsonl
-from diffrl.guidance import svdd
+from diffrl.guidance import svdd, value
+from diffrl.learner import Learner, NonFiniteGuard, make_optimizer, prepare_unet
 from diffrl.pipelines import load_pipeline
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_branches, sample_trajectories
-from diffrl.trainer import (
-    Learner,
-    NonFiniteGuard,
-    Streams,
-    make_optimizer,
-    prepare_unet,
-    stack_epoch,
-    train,
-    train_epoch,
-)
+from diffrl.run import Streams
+from diffrl.trainer import train
+from diffrl.types import SamplerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +76,7 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
             f"sample.batch_size={batch}",
             "sample.num_batches_per_epoch=1",
             f"train.batch_size={batch}",
+            "train.timesteps_per_pass=1",  # (b) compares with one bare forward+backward per timestep
         ],
     )
     pipe = load_pipeline("tiny-sd")
@@ -88,40 +84,51 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
     optimizer = make_optimizer(params, config)
     unet, prompts = pipe.unet, [f"a red circle {i}" for i in range(batch)]
     generator = torch.Generator().manual_seed(0)
-    traj = sample_trajectories(pipe, prompts, num_steps=steps, generator=generator)
+    traj = sample_trajectories(pipe, prompts, SamplerSettings(num_steps=steps), generator=generator)
     embeds = torch.cat([traj.negative_prompt_embeds, traj.prompt_embeds])
     inputs = [torch.cat([traj.latents[:, j]] * 2) for j in range(steps)]
     t2 = [torch.full((2 * batch,), int(t)) for t in traj.timesteps]
 
     def rollout():
-        sample_trajectories(pipe, prompts, num_steps=steps, generator=generator)
+        sample_trajectories(pipe, prompts, SamplerSettings(num_steps=steps), generator=generator)
 
     @torch.no_grad()
     def bare_forward():
         for x, t in zip(inputs, t2):
             unet(x, t, encoder_hidden_states=embeds)
 
-    data, advantages = stack_epoch([traj]), torch.randn(batch)
+    batch_data = Batch(
+        members=torch.arange(batch)[:, None],
+        trained=torch.ones(batch, dtype=torch.bool),
+        rewards=torch.zeros(batch),
+        values={"advantages": torch.randn(batch)},
+    )
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     streams = Streams.seeded(0, 0)
 
-    everyone = torch.ones(batch, dtype=torch.bool)
     learner = Learner(unet, pipe, optimizer, params, accelerator, NonFiniteGuard(limit=1000), config)
 
     def train_step():
-        train_epoch(learner, data, advantages, everyone, streams, 0, False)
+        learner.train_epoch(ddpo.loss, batch_data, traj, streams, 0, False)
 
     trunks = prompts[: max(1, batch // branches)]
 
     def branched():
         sample_branches(
-            pipe, trunks, branch_step=steps // 2, num_branches=branches, num_steps=steps, generator=generator
+            pipe,
+            trunks,
+            SamplerSettings(num_steps=steps),
+            branch_step=steps // 2,
+            num_branches=branches,
+            generator=generator,
         )
 
     def plain():
-        sample_trajectories(pipe, prompts[: len(trunks)] * branches, num_steps=steps, generator=generator)
+        sample_trajectories(
+            pipe, prompts[: len(trunks)] * branches, SamplerSettings(num_steps=steps), generator=generator
+        )
 
     final = traj.latents[:, -1] / pipe.vae.config.scaling_factor
 
@@ -176,25 +183,24 @@ def bench_guidance(m: int, steps: int = 4, seed: int = 0) -> list[dict]:
     prompts = load_prompts("toy_heldout_single").prompts[::2]
     train_prompts = load_prompts("toy_train_single").prompts
     start = time.perf_counter()
-    data = svdd.value_targets(
+    data = value.value_targets(
         pipe,
         train_prompts * 3,
         reward_fn,
-        num_steps=steps,
-        guidance_scale=5.0,
+        SamplerSettings(num_steps=steps, guidance_scale=5.0),
         generator=torch.Generator().manual_seed(seed),
     )
-    net, value_seconds = svdd.train_value_net(data, epochs=20, seed=seed), time.perf_counter() - start
-    settings = dict(num_steps=steps, guidance_scale=5.0)
-    pm, mc = svdd.posterior_mean_value(reward_fn), svdd.value_net_value(net)
+    net, value_seconds = value.train_value_net(data, epochs=20, seed=seed), time.perf_counter() - start
+    settings = SamplerSettings(num_steps=steps, guidance_scale=5.0)
+    pm, mc = svdd.posterior_mean_value(reward_fn), value.value_net_value(net)
     methods = {
-        "plain": lambda g: svdd.svdd(pipe, prompts, pm, num_candidates=1, generator=g, **settings),
-        f"best-of-{m}": lambda g: svdd.best_of_n(pipe, prompts, reward_fn, n=m, generator=g, **settings),
+        "plain": lambda g: svdd.svdd(pipe, prompts, pm, settings, num_candidates=1, generator=g),
+        f"best-of-{m}": lambda g: svdd.best_of_n(pipe, prompts, reward_fn, settings, n=m, generator=g),
         f"SMC ({m} particles, alpha 0.1)": lambda g: svdd.smc(
-            pipe, prompts, pm, num_particles=m, alpha=0.1, generator=g, **settings
+            pipe, prompts, pm, settings, num_particles=m, alpha=0.1, generator=g
         ),
-        f"SVDD-PM (M={m})": lambda g: svdd.svdd(pipe, prompts, pm, num_candidates=m, generator=g, **settings),
-        f"SVDD-MC (M={m})": lambda g: svdd.svdd(pipe, prompts, mc, num_candidates=m, generator=g, **settings),
+        f"SVDD-PM (M={m})": lambda g: svdd.svdd(pipe, prompts, pm, settings, num_candidates=m, generator=g),
+        f"SVDD-MC (M={m})": lambda g: svdd.svdd(pipe, prompts, mc, settings, num_candidates=m, generator=g),
     }
     rows = []
     for name, run in methods.items():
@@ -230,7 +236,7 @@ def method_epochs(method: str, steps: int, images: int, epochs: int, data: str) 
     """Table (e), one row (run in its own process): ``epochs`` full epochs of the method's tiny
     config through ``diffrl.trainer.train`` with ``images`` sampled and scored per online epoch
     (D3PO's groups and B²-DiffuRL's branches included) or one pass over the pairs in ``data``."""
-    from diffrl.trainer import branching
+    from diffrl import algorithms
 
     with tempfile.TemporaryDirectory() as out:
         overrides = [
@@ -245,7 +251,8 @@ def method_epochs(method: str, steps: int, images: int, epochs: int, data: str) 
             f"dpo.sample_steps={steps}",
         ]
         config = load_config(ROOT / "configs" / METHOD_CONFIGS[method], overrides)
-        per_image = branching(config, 0)[1]
+        algorithm = algorithms.get(config.algorithm)
+        per_image = 1 if algorithm.offline else algorithm.plan(config, 0).num_branches
         config = load_config(
             ROOT / "configs" / METHOD_CONFIGS[method],
             [*overrides, f"sample.batch_size={images // per_image}"],
@@ -275,7 +282,7 @@ def bench_methods(steps: int, lcm_steps: int, images: int, epochs: int) -> list[
     """Table (e): every training method's full epochs on the shipped tiny models (tiny-lcm with
     ``lcm_steps`` for RLCM, ``steps`` DDIM steps for the rest), each in its own process for its
     peak memory; the offline methods share pairs built from 2 × ``images`` training prompts."""
-    from diffrl.offline import write_toy_preferences
+    from build_tiny_preferences import write_toy_preferences
 
     with tempfile.TemporaryDirectory() as data:  # 4-step samples: at 20 steps nearly all would tie
         write_toy_preferences(
@@ -298,9 +305,8 @@ def svdd_at(m: int, steps: int) -> dict:
         pipe,
         prompts,
         value,
+        SamplerSettings(num_steps=steps, guidance_scale=5.0),
         num_candidates=m,
-        num_steps=steps,
-        guidance_scale=5.0,
         generator=torch.Generator().manual_seed(0),
     )
     seconds = time.perf_counter() - start

@@ -18,9 +18,55 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffrl.offline import write_toy_preferences
+import torch
+from PIL import Image
+
+from diffrl import toyworld
+from diffrl.files import append_jsonl, save_png
 from diffrl.pipelines import load_pipeline
 from diffrl.prompts import load_prompts
+from diffrl.rewards import get as get_reward
+from diffrl.rewards.jpeg import to_uint8
+from diffrl.rollout import sample_trajectories
+from diffrl.types import SamplerSettings
+
+
+@torch.no_grad()
+def write_toy_preferences(
+    pipe,
+    prompts: list[str],
+    out_dir: Path,
+    *,
+    samples: int = 4,
+    num_steps: int = 4,
+    winners: str = "best",
+    seed: int = 0,
+) -> int:
+    """Offline preference data for the toy world: for each prompt, ``samples`` images from
+    ``pipe`` (DDIM, eta 1, guidance 5) scored by ``shapes_alignment``; the loser is the worst,
+    the winner the best (``winners="best"``) or a render of the prompt (``"render"``). Prompts
+    whose samples all score the same are skipped. Writes ``images/*.png`` and ``pairs.jsonl``
+    (appended record by record); returns the number of pairs."""
+    reward_fn, generator = get_reward("shapes_alignment"), torch.Generator().manual_seed(seed)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    count = 0
+    for i, prompt in enumerate(prompts):
+        settings = SamplerSettings(num_steps=num_steps, guidance_scale=5.0, eta=1.0)
+        traj = sample_trajectories(pipe, [prompt] * samples, settings, generator=generator)
+        scores = reward_fn(traj.images, [prompt] * samples, [{} for _ in range(samples)])
+        if scores.max() == scores.min():
+            continue
+        best = (
+            toyworld.render_batch([prompt], seed=i)[0]
+            if winners == "render"
+            else traj.images[scores.argmax()]
+        )
+        names = {"winner": f"images/{i:05d}_w.png", "loser": f"images/{i:05d}_l.png"}
+        for key, image in (("winner", best), ("loser", traj.images[scores.argmin()])):
+            save_png(Image.fromarray(to_uint8(image[None])[0]), out_dir / names[key])
+        append_jsonl(out_dir / "pairs.jsonl", {"prompt": prompt, **names})
+        count += 1
+    return count
 
 
 def main() -> None:

@@ -42,6 +42,8 @@ from pathlib import Path
 
 from measure import isolated, queries_per_epoch
 
+from diffrl.types import SamplerSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 ONLINE = {
@@ -110,7 +112,8 @@ def seeded_prompts(args, seed: int, first: int, stop: int) -> list[str]:
 
 def build_pairs(args, seed: int, out: Path, queries: int) -> tuple[str, int]:
     """Diffusion-DPO/SePPO data from ``queries`` scored samples; returns (folder, queries used)."""
-    from diffrl.offline import write_toy_preferences
+    from build_tiny_preferences import write_toy_preferences
+
     from diffrl.pipelines import load_pipeline
 
     count = max(1, queries // SAMPLES_PER_PROMPT)
@@ -171,7 +174,7 @@ def run_svdd(args, seed: int, rollouts: int) -> dict:
 
     from diffrl import rewards
     from diffrl.evaluation import diversity
-    from diffrl.guidance import svdd
+    from diffrl.guidance import svdd, value
     from diffrl.pipelines import load_pipeline
     from diffrl.prompts import load_prompts
 
@@ -182,22 +185,25 @@ def run_svdd(args, seed: int, rollouts: int) -> dict:
     for first in range(0, rollouts, 32):
         prompts = seeded_prompts(args, seed, first, min(rollouts, first + 32))
         chunks.append(
-            svdd.value_targets(
-                pipe, prompts, reward_fn, num_steps=args.steps, guidance_scale=5.0, generator=generator
+            value.value_targets(
+                pipe,
+                prompts,
+                reward_fn,
+                SamplerSettings(num_steps=args.steps, guidance_scale=5.0),
+                generator=generator,
             )
         )
     data = [torch.cat(parts) for parts in zip(*chunks)]
-    net = svdd.train_value_net(data, epochs=20, seed=seed)
+    net = value.train_value_net(data, epochs=20, seed=seed)
     prepare = time.perf_counter() - start
     heldout = load_prompts(args.heldout_prompts).prompts
     chosen = [heldout[i % len(heldout)] for i in range(args.num_images)]
     out = svdd.svdd(
         pipe,
         chosen,
-        svdd.value_net_value(net),
+        value.value_net_value(net),
+        SamplerSettings(num_steps=args.steps, guidance_scale=5.0),
         num_candidates=args.M,
-        num_steps=args.steps,
-        guidance_scale=5.0,
         generator=torch.Generator().manual_seed(args.eval_seed),
     )
     values = reward_fn(out.images, chosen, [{} for _ in chosen])

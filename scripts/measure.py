@@ -39,7 +39,9 @@ def isolated(fn, *args) -> dict:
 def queries_per_epoch(config) -> int:
     """Images an online epoch samples and scores: prompts per batch × images per prompt (D3PO's
     group, B²-DiffuRL's branches) × batches."""
-    from diffrl.trainer import branching
+    from diffrl import algorithms
 
     s = config.sample
-    return s.batch_size * branching(config, 0)[1] * s.num_batches_per_epoch
+    return (
+        s.batch_size * algorithms.get(config.algorithm).plan(config, 0).num_branches * s.num_batches_per_epoch
+    )

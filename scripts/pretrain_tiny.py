@@ -36,6 +36,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffrl import toyworld as tw
 from diffrl.testing import SD_SCHEDULE, _byte_alphabet
+from diffrl.types import SamplerSettings
 
 MAX_TOKENS = 77
 
@@ -208,9 +209,7 @@ def evaluate(pipe, n_per_split: int, seed: int) -> dict:
             traj = sample_trajectories(
                 pipe,
                 prompts,
-                num_steps=25,
-                guidance_scale=5.0,
-                eta=0.0,
+                SamplerSettings(num_steps=25, guidance_scale=5.0, eta=0.0),
                 generator=torch.Generator().manual_seed(seed),
             )
             s = score_shapes(traj.images, prompts)

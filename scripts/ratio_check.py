@@ -18,9 +18,10 @@ import json
 import torch
 from accelerate import Accelerator
 
+from diffrl.collect import lora_merged, sample_batch
 from diffrl.config import load_config
+from diffrl.learner import build_learner, pass_rows
 from diffrl.prompts import load_prompts
-from diffrl.trainer import build_policy, lora_merged, pass_rows, sample_batch, stack_epoch, step_log_prob
 
 
 def log_ratios(config, lora_std: float = 0.0) -> dict:
@@ -29,7 +30,8 @@ def log_ratios(config, lora_std: float = 0.0) -> dict:
     draws the trained weights from N(0, lora_std²) first, as a trained adapter's are non-zero
     (a fresh LoRA adds nothing, so merging it would change nothing)."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.model.mixed_precision)
-    pipe, unet, params, _ = build_policy(config, accelerator)
+    learner = build_learner(config, accelerator)
+    pipe, params = learner.pipe, learner.params
     if lora_std > 0:
         torch.manual_seed(config.run.seed)
         with torch.no_grad():
@@ -38,18 +40,19 @@ def log_ratios(config, lora_std: float = 0.0) -> dict:
     source = load_prompts(config.prompts.source)
     gen = torch.Generator().manual_seed(config.run.seed)
     prompts = source.sample(config.sample.batch_size, gen)
-    with torch.no_grad(), accelerator.autocast(), lora_merged(pipe.unet, config.sample.merge_lora):
-        data = stack_epoch([sample_batch(pipe, config.sample, prompts, gen)])
-    num, steps = data["log_probs"].shape
+    with torch.no_grad(), accelerator.autocast(), lora_merged(pipe.unet, learner.merge_sampling):
+        traj = sample_batch(pipe, config, prompts, gen)
+    num, steps = traj.log_probs.shape
+    per_pass = steps if config.train.timesteps_per_pass == "auto" else config.train.timesteps_per_pass
     order = torch.randperm(num, generator=gen)
     step_order = torch.stack([torch.randperm(steps, generator=gen) for _ in range(num)])
     ratios = []
     with torch.no_grad():
         for rows in order.split(config.train.batch_size):
-            for cols in torch.arange(steps).split(config.train.timesteps_per_pass):
+            for cols in torch.arange(steps).split(per_pass):
                 idx, step = pass_rows(rows, cols, step_order)
-                new = step_log_prob(unet, pipe, data, idx, step, config, accelerator)
-                ratios.append((new - data["log_probs"][idx, step].to(new.device)).abs().cpu())
+                new = learner.log_prob(traj, idx, step)
+                ratios.append((new - traj.log_probs[idx, step].to(new.device)).abs().cpu())
     ratios = torch.cat(ratios)
     return {
         "model": config.model.pretrained,

@@ -13,17 +13,19 @@ import os
 import signal
 import sys
 
+import diffrl.algorithms.ddpo
 import diffrl.checkpoints
+import diffrl.collect
 import diffrl.rewards
-import diffrl.trainer
+import diffrl.run
 from diffrl.cli import main
 
 POINTS = {
-    "sampling": (diffrl.trainer, "sample_branches", "before"),
+    "sampling": (diffrl.collect, "sample_branches", "before"),
     "reward": (diffrl.rewards, "score", "before"),
-    "training": (diffrl.trainer, "ppo_loss", "before"),
+    "training": (diffrl.algorithms.ddpo, "ppo_loss", "before"),
     "checkpoint": (diffrl.checkpoints, "save_file", "after"),
-    "metrics": (diffrl.trainer, "append_jsonl", "after"),
+    "metrics": (diffrl.run, "append_jsonl", "after"),
 }
 
 

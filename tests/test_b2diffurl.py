@@ -19,6 +19,7 @@ from diffrl.algorithms.b2diffurl import (
 from diffrl.config import ConfigError, load_config
 from diffrl.prompts import load_prompts
 from diffrl.rollout import decode_latents, encode_prompts, guided_noise_pred, sample_branches
+from diffrl.types import SamplerSettings
 from tests.alignment import assert_raised, train_and_compare
 
 ROOT = Path(__file__).parent.parent
@@ -58,9 +59,9 @@ def test_one_branch_is_plain_sampling_for_the_same_seed(tiny_sd, b):
     traj = sample_branches(
         tiny_sd,
         PROMPTS,
+        SamplerSettings(num_steps=4),
         branch_step=b,
         num_branches=1,
-        num_steps=4,
         generator=torch.Generator().manual_seed(3),
     )
     torch.testing.assert_close(traj.images, reference, rtol=0, atol=1e-5)
@@ -72,9 +73,9 @@ def test_branches_share_their_trunk_and_record_parents(tiny_sd):
     traj = sample_branches(
         tiny_sd,
         PROMPTS,
+        SamplerSettings(num_steps=4),
         branch_step=b,
         num_branches=k,
-        num_steps=4,
         generator=torch.Generator().manual_seed(0),
     )
     assert traj.parents.tolist() == [0, 0, 0, 1, 1, 1]
@@ -101,10 +102,9 @@ def test_the_trunk_is_computed_once(tiny_sd, guidance, factor):
         sample_branches(
             tiny_sd,
             PROMPTS,
+            SamplerSettings(num_steps=n, guidance_scale=guidance),
             branch_step=b,
             num_branches=k,
-            num_steps=n,
-            guidance_scale=guidance,
             generator=torch.Generator().manual_seed(0),
         )
     finally:

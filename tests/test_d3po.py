@@ -7,20 +7,16 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from diffrl.algorithms import d3po
 from diffrl.algorithms.d3po import d3po_loss, group_pairs, preferences
+from diffrl.collect import sample_batch
 from diffrl.config import ConfigError, load_config
 from diffrl.files import read_jsonl
+from diffrl.learner import adapters_disabled, prepare_unet, step_log_prob
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_trajectories
 from diffrl.testing import tiny_sd_pipeline
-from diffrl.trainer import (
-    adapters_disabled,
-    branching,
-    prepare_unet,
-    sample_batch,
-    stack_epoch,
-    step_log_prob,
-)
+from diffrl.types import SamplerSettings
 from tests.alignment import assert_raised, train_and_compare
 
 ROOT = Path(__file__).parent.parent
@@ -88,13 +84,12 @@ def test_masked_pairs_do_not_count():
 
 def test_groups_share_x_T_and_draw_their_own_noise(tiny_sd):
     config = load_config(None, ["algorithm=d3po", "sample.num_steps=3", "d3po.group_size=3"])
-    assert branching(config, epoch=0) == (0, 3)
-    traj = sample_batch(
-        tiny_sd, config.sample, ["a", "b"], torch.Generator().manual_seed(0), branching(config, 0)
-    )
-    data = stack_epoch([traj])
-    assert data["groups"].tolist() == [0, 0, 0, 1, 1, 1]
-    x_T, x_1 = data["latents"][:, 0], data["latents"][:, 1]
+    plan = d3po.plan(config, epoch=0)
+    assert (plan.branch_step, plan.num_branches) == (0, 3)
+    traj = sample_batch(tiny_sd, config, ["a", "b"], torch.Generator().manual_seed(0), plan)
+    data = traj
+    assert data.parents.tolist() == [0, 0, 0, 1, 1, 1]
+    x_T, x_1 = data.latents[:, 0], data.latents[:, 1]
     assert torch.equal(x_T[0], x_T[1]) and torch.equal(x_T[1], x_T[2]) and not torch.equal(x_T[0], x_T[3])
     assert not torch.equal(x_1[0], x_1[1])  # independent noise from the first step on
 
@@ -102,8 +97,10 @@ def test_groups_share_x_T_and_draw_their_own_noise(tiny_sd):
 def test_reference_is_the_pretrained_unet_with_lora_disabled():
     pipe = tiny_sd_pipeline(seed=0)
     config = load_config(None, ["algorithm=d3po", "sample.num_steps=3", "model.lora_rank=4"])
-    traj = sample_trajectories(pipe, ["a", "b"], num_steps=3, generator=torch.Generator().manual_seed(1))
-    data, accelerator = stack_epoch([traj]), Accelerator(cpu=True)
+    traj = sample_trajectories(
+        pipe, ["a", "b"], SamplerSettings(num_steps=3), generator=torch.Generator().manual_seed(1)
+    )
+    data, accelerator = traj, Accelerator(cpu=True)
     idx, step = torch.tensor([0, 1]), torch.tensor([0, 2])
     with torch.no_grad():
         base = step_log_prob(pipe.unet, pipe, data, idx, step, config, accelerator)

@@ -11,22 +11,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffrl import load_pipeline
-from diffrl.algorithms.dpo import choose_reference, dpo_inside, dpo_loss, seppo_inside, seppo_signs
+from diffrl.algorithms.dpo import checkpoint_weights, dpo_inside, dpo_loss, noised_pair, swapped_in
+from diffrl.algorithms.seppo import choose_reference, seppo_inside, seppo_signs
 from diffrl.cli import resolve_train_config
 from diffrl.config import ConfigError, load_config
 from diffrl.errors import InputFileError
 from diffrl.files import read_jsonl
-from diffrl.offline import (
-    checkpoint_weights,
-    load_preferences,
-    noised_pair,
-    pickapic_rows,
-    swapped_in,
-    write_toy_preferences,
-)
+from diffrl.learner import prepare_unet
+from diffrl.preferences import load_preferences, pickapic_rows
 from diffrl.prompts import load_prompts
 from diffrl.testing import tiny_sd_pipeline
-from diffrl.trainer import prepare_unet, train
+from diffrl.trainer import train
+from scripts.build_tiny_preferences import write_toy_preferences
 from tests.alignment import SETTINGS, assert_raised, train_and_compare
 
 ROOT = Path(__file__).parent.parent

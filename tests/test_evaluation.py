@@ -8,6 +8,7 @@ from diffrl.cli import main, resolve_train_config
 from diffrl.evaluation import diversity, evaluate, load_for_eval
 from diffrl.rollout import sample_trajectories
 from diffrl.trainer import train
+from diffrl.types import SamplerSettings
 
 from .test_trainer import FAST, TINY
 
@@ -46,7 +47,9 @@ def test_evaluate_statistics_match_an_independent_computation(tiny_sd):
     chosen = [prompts[i % 3] for i in range(5)]
     images = torch.cat(
         [
-            sample_trajectories(tiny_sd, chosen[s : s + 2], num_steps=3, generator=generator).images
+            sample_trajectories(
+                tiny_sd, chosen[s : s + 2], SamplerSettings(num_steps=3), generator=generator
+            ).images
             for s in range(0, 5, 2)
         ]
     )
@@ -75,9 +78,11 @@ def test_eval_cli_compares_a_base_model_and_a_trained_run(tmp_path, capsys):
     pipe, config = load_for_eval(str(tmp_path / "r"))
     assert config.run.name == "r"
     reference = sample_trajectories(
-        trained, ["a cat"], num_steps=4, generator=torch.Generator().manual_seed(0)
+        trained, ["a cat"], SamplerSettings(num_steps=4), generator=torch.Generator().manual_seed(0)
     )
-    loaded = sample_trajectories(pipe, ["a cat"], num_steps=4, generator=torch.Generator().manual_seed(0))
+    loaded = sample_trajectories(
+        pipe, ["a cat"], SamplerSettings(num_steps=4), generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(loaded.images, reference.images, rtol=0, atol=1e-5)
 
     out = tmp_path / "eval.json"

@@ -21,7 +21,8 @@ from diffrl.config import load_config
 from diffrl.errors import ConfigError, InputFileError
 from diffrl.files import read_jsonl
 from diffrl.labeling import make_server
-from diffrl.trainer import stack_epoch, step_log_prob, train
+from diffrl.learner import step_log_prob
+from diffrl.trainer import train
 from diffrl.types import Trajectory
 from tests.browser import launch, needs_chromium
 
@@ -266,16 +267,16 @@ def test_label_page_end_to_end_then_train_from_the_labels(tmp_path):
 
     # the policy now prefers each labeled winner's chain over its loser's more than the sampler did
     traj, _, _ = human.load_rollouts(folder)
-    data = stack_epoch([traj])
+    data = traj
     winners, losers = torch.tensor([1, 2, 6]), torch.tensor([0, 3, 7])
-    steps = torch.arange(data["log_probs"].shape[1])
+    steps = torch.arange(data.log_probs.shape[1])
     run_config = resolve_train_config(None, [], str(run_dir))
     gains = []
     with torch.no_grad():
         for members in (winners, losers):
             idx, step = members.repeat_interleave(len(steps)), steps.repeat(len(members))
             now = step_log_prob(pipe.unet, pipe, data, idx, step, run_config, Accelerator(cpu=True))
-            gains.append((now - data["log_probs"][idx, step]).mean())
+            gains.append((now - data.log_probs[idx, step]).mean())
     print("log-prob gain of winners, losers:", [g.item() for g in gains])
     assert gains[0] > gains[1], gains
 

@@ -13,6 +13,7 @@ from diffrl.algorithms.ddpo import ppo_loss
 from diffrl.policies.ddim import ddim_step_with_logprob
 from diffrl.rollout import guided_noise_pred, sample_trajectories
 from diffrl.testing import tiny_sd_pipeline
+from diffrl.types import SamplerSettings
 from triton_kernels.ddim_step_logprob import ddim_step_logprob, ddim_step_logprob_reference
 from triton_kernels.eps_mse import eps_mse, eps_mse_reference
 from triton_kernels.gaussian_logprob import gaussian_logprob, gaussian_logprob_reference
@@ -191,7 +192,10 @@ def _ddpo_step_loss_and_grads():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)  # a trained-looking adapter, so the ratio is not exactly 1
     traj = sample_trajectories(
-        pipe, ["a red circle", "a blue square"], num_steps=4, generator=torch.Generator().manual_seed(1)
+        pipe,
+        ["a red circle", "a blue square"],
+        SamplerSettings(num_steps=4),
+        generator=torch.Generator().manual_seed(1),
     )
     pipe.scheduler.set_timesteps(4)
     j = torch.tensor([1, 3], device=DEVICE)

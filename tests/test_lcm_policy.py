@@ -8,6 +8,7 @@ from diffusers import LCMScheduler
 
 from diffrl.policies.lcm import guidance_embedding, lcm_step_with_logprob, next_timestep
 from diffrl.testing import SD_SCHEDULE
+from diffrl.types import SamplerSettings
 
 
 @pytest.mark.parametrize("steps", [2, 4, 8, 16])
@@ -99,8 +100,7 @@ def test_lcm_rollout_images_equal_diffusers_lcm_pipeline(tiny_lcm):
     traj = sample_trajectories(
         tiny_lcm,
         prompts,
-        num_steps=4,
-        guidance_scale=6.0,
+        SamplerSettings(num_steps=4, guidance_scale=6.0),
         latents=x_T,
         generator=torch.Generator().manual_seed(5),
     )

@@ -14,6 +14,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+import diffrl.algorithms.ddpo as ddpo_module
+import diffrl.learner as learner_module
 import diffrl.trainer as trainer_module
 from diffrl import rewards
 from diffrl.algorithms.ddpo import ppo_loss
@@ -21,8 +23,11 @@ from diffrl.cli import main, resolve_train_config
 from diffrl.config import load_config
 from diffrl.errors import InputFileError, NumericalError, PipelineNotFoundError, RewardError
 from diffrl.files import read_jsonl
+from diffrl.guards import check_log_ratios
+from diffrl.learner import step_log_prob
 from diffrl.rollout import sample_trajectories
-from diffrl.trainer import check_log_ratios, stack_epoch, step_log_prob, train
+from diffrl.trainer import train
+from diffrl.types import SamplerSettings
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -137,14 +142,14 @@ def test_dropped_samples_leave_the_epoch_and_the_run_goes_on(tmp_path, monkeypat
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     seen = {}
-    original = trainer_module.train_epoch
+    original = learner_module.Learner.train_epoch
 
-    def spy(learner, data, advantages, valid, *args):
-        seen.setdefault("valid", []).append(valid.clone())
-        seen.setdefault("advantages", []).append(advantages.clone())
-        return original(learner, data, advantages, valid, *args)
+    def spy(learner, loss_fn, batch, *args):
+        seen.setdefault("valid", []).append(batch.trained.clone())
+        seen.setdefault("advantages", []).append(batch.values["advantages"].clone())
+        return original(learner, loss_fn, batch, *args)
 
-    monkeypatch.setattr(trainer_module, "train_epoch", spy)
+    monkeypatch.setattr(learner_module.Learner, "train_epoch", spy)
     overrides = [
         "reward.name=flaky:reward",
         "prompts.source=[a red square, a blue circle]",
@@ -172,9 +177,9 @@ def test_ratio_check_passes_for_the_sampling_policy_and_names_a_changed_one(tiny
     pipe = tiny_sd
     config = load_config(TINY, FAST)
     traj = sample_trajectories(
-        pipe, ["a", "b", "c", "d"], num_steps=4, generator=torch.Generator().manual_seed(0)
+        pipe, ["a", "b", "c", "d"], SamplerSettings(num_steps=4), generator=torch.Generator().manual_seed(0)
     )
-    data = stack_epoch([traj])
+    data = traj
     idx, step = torch.arange(4), torch.tensor([0, 1, 2, 3])
     accelerator = Accelerator(cpu=True)
 
@@ -182,8 +187,8 @@ def test_ratio_check_passes_for_the_sampling_policy_and_names_a_changed_one(tiny
         with torch.no_grad():
             return step_log_prob(pipe.unet, pipe, data, idx, step, config, accelerator) - stored[idx, step]
 
-    check_log_ratios(log_ratio(data["log_probs"]), config, accelerator, epoch=0)  # the same policy: passes
-    tampered = data["log_probs"] + 0.05  # as if sampled by another policy or dtype
+    check_log_ratios(log_ratio(data.log_probs), config, accelerator, epoch=0)  # the same policy: passes
+    tampered = data.log_probs + 0.05  # as if sampled by another policy or dtype
     with pytest.raises(
         NumericalError,
         match=r"epoch 5: re-scoring stored actions .* mean \|log ratio\| of 0.05 > train.ratio_tolerance=0.01",
@@ -197,30 +202,31 @@ def test_ratio_check_passes_for_the_sampling_policy_and_names_a_changed_one(tiny
     config.train.ratio_tolerance, config.model.mixed_precision = 0.01, "no"
     config.sample.eta = 0.8  # a sampler that differs from the one that sampled
     with pytest.raises(NumericalError, match="the training step differs from the sampler"):
-        check_log_ratios(log_ratio(data["log_probs"]), config, accelerator, epoch=1)
+        check_log_ratios(log_ratio(data.log_probs), config, accelerator, epoch=1)
 
 
 def test_training_checks_the_first_term_of_every_epoch_without_an_extra_unet_call(tmp_path, monkeypatch):
-    # tiny_compressibility FAST: 2 minibatches x 4 timesteps = 8 loss terms per epoch, one UNet call each
+    # tiny_compressibility FAST: 2 minibatches, each one pass over its 4 timesteps (timesteps_per_pass
+    # auto on the CPU) = 2 loss terms per epoch, one UNet call each
     calls = []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return step_log_prob(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "step_log_prob", counted)
+    monkeypatch.setattr(learner_module, "step_log_prob", counted)
     train(_config(tmp_path, "counted", "run.num_epochs=2"))
-    assert len(calls) == 2 * 8
+    assert len(calls) == 2 * 2
 
     def drifted(*args, **kwargs):  # the training forward disagrees with the sampler from epoch 1 on
         calls.append(1)
-        return step_log_prob(*args, **kwargs) + (0.05 if len(calls) > 8 else 0.0)
+        return step_log_prob(*args, **kwargs) + (0.05 if len(calls) > 2 else 0.0)
 
     calls.clear()
-    monkeypatch.setattr(trainer_module, "step_log_prob", drifted)
+    monkeypatch.setattr(learner_module, "step_log_prob", drifted)
     with pytest.raises(NumericalError, match=r"epoch 1: re-scoring stored actions .* of 0.05 > "):
         train(_config(tmp_path, "drifted", "run.num_epochs=2"))
-    assert len(calls) == 9  # epoch 1 stopped at its first term, before any update
+    assert len(calls) == 3  # epoch 1 stopped at its first term, before any update
 
 
 def _poison_loss(monkeypatch, calls_to_poison):
@@ -232,13 +238,13 @@ def _poison_loss(monkeypatch, calls_to_poison):
         calls[0] += 1
         return (loss * float("nan") if calls[0] in calls_to_poison else loss), stats
 
-    monkeypatch.setattr(trainer_module, "ppo_loss", poisoned)
+    monkeypatch.setattr(ddpo_module, "ppo_loss", poisoned)
     return calls
 
 
 def test_nonfinite_loss_skips_the_step_and_training_continues(tmp_path, monkeypatch):
-    # tiny_compressibility FAST: 2 minibatches x 4 timesteps = 8 loss terms and 2 optimizer steps per epoch
-    _poison_loss(monkeypatch, calls_to_poison={1, 2, 3, 4, 5, 6, 7, 8})  # both steps of epoch 0
+    # tiny_compressibility FAST: 2 minibatches, one pass each = 2 loss terms and 2 optimizer steps per epoch
+    _poison_loss(monkeypatch, calls_to_poison={1, 2})  # both steps of epoch 0
     pipe = train(_config(tmp_path, "nan", "run.num_epochs=2", "train.gradient_accumulation_steps=1"))
     records = _metrics(tmp_path / "nan")
     assert [r["skipped_steps"] for r in records] == [2, 0]
@@ -258,16 +264,16 @@ def test_nonfinite_steps_in_a_row_stop_the_run_saying_what_and_where(tmp_path, m
 
 
 def test_nonfinite_gradient_names_the_tensor(tmp_path, monkeypatch):
-    original = trainer_module.build_policy
+    original = trainer_module.build_learner
 
     def build_with_bad_grad(config, accelerator):
-        pipe, unet, params, optimizer = original(config, accelerator)
-        name, param = next((n, p) for n, p in pipe.unet.named_parameters() if p.requires_grad)
+        learner = original(config, accelerator)
+        name, param = next((n, p) for n, p in learner.pipe.unet.named_parameters() if p.requires_grad)
         param.register_hook(lambda grad: grad * float("inf"))
         build_with_bad_grad.name = name
-        return pipe, unet, params, optimizer
+        return learner
 
-    monkeypatch.setattr(trainer_module, "build_policy", build_with_bad_grad)
+    monkeypatch.setattr(trainer_module, "build_learner", build_with_bad_grad)
     with pytest.raises(NumericalError, match="non-finite gradients in 1 tensors, e.g. ") as err:
         train(_config(tmp_path, "grad", "run.num_epochs=2", "train.max_nonfinite_steps=2"))
     assert build_with_bad_grad.name in str(err.value)
@@ -309,7 +315,7 @@ def test_bad_input_is_one_line_before_any_model_loads(override, message, tmp_pat
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(trainer_module, "load_pipeline", no_loading)
+    monkeypatch.setattr(learner_module, "load_pipeline", no_loading)
     args = ["train", TINY, *FAST, f"run.output_dir={tmp_path}/runs", override.format(tmp=tmp_path)]
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -422,12 +428,13 @@ def test_nothing_unpickles_arbitrary_objects():
 # ---------------------------------------------------------------------------- crash safety
 
 CRASH = [*FAST, "run.num_epochs=3", "run.deterministic=true", "reward.name=jpeg_compressibility"]
-# Per epoch (FAST): 2 sampling batches, 2 reward calls, 2 minibatches x 4 timesteps = 8 loss terms,
-# 1 checkpoint, 1 metrics line; the before-training grid adds one sampling and one reward call first.
+# Per epoch (FAST): 2 sampling batches, 2 reward calls, 2 minibatches of one pass over their 4 timesteps
+# = 2 loss terms, 1 checkpoint, 1 metrics line; the before-training grid adds one sampling and one
+# reward call first.
 KILLS = [
     ("sampling", 2),  # epoch 0's first batch, before any checkpoint: resume starts over
     ("reward", 4),  # epoch 1's first reward call
-    ("training", 21),  # epoch 2, mid-update
+    ("training", 6),  # epoch 2's second term, mid-update
     ("checkpoint", 2),  # epoch 1's checkpoint: weights written, the rest not (a torn .tmp folder)
     ("metrics", 3),  # epoch 2's metrics line written, its checkpoint not
 ]

@@ -12,10 +12,11 @@ from diffrl import load_pipeline, rewards
 from diffrl.cli import main
 from diffrl.config import ConfigError, load_config
 from diffrl.evaluation import evaluate
+from diffrl.learner import step_log_prob
 from diffrl.pipelines import SHIPPED_PIPELINES
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_trajectories
-from diffrl.trainer import stack_epoch, step_log_prob
+from diffrl.types import SamplerSettings
 from tests.alignment import assert_raised, train_and_compare
 
 ROOT = Path(__file__).parent.parent
@@ -43,18 +44,17 @@ def test_trainer_rescoring_of_lcm_rollouts_gives_ratio_one(tiny_lcm):
     traj = sample_trajectories(
         tiny_lcm,
         ["a red circle"] * 3,
-        num_steps=4,
-        guidance_scale=6.0,
+        SamplerSettings(num_steps=4, guidance_scale=6.0),
         generator=torch.Generator().manual_seed(0),
     )
-    data = stack_epoch([traj])
+    data = traj
     accelerator = Accelerator(cpu=True)
     idx = torch.arange(3)
     with torch.no_grad():
         for j in range(3):
             step = (torch.arange(3) + j) % 3  # every sample at a different step
             log_prob = step_log_prob(tiny_lcm.unet, tiny_lcm, data, idx, step, config, accelerator)
-            torch.testing.assert_close(log_prob, data["log_probs"][idx, step], rtol=0, atol=1e-6)
+            torch.testing.assert_close(log_prob, data.log_probs[idx, step], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import torch
 import diffrl.rollout as rollout_module
 from diffrl.policies.ddim import ddim_step_with_logprob
 from diffrl.rollout import encode_prompts, guided_noise_pred, sample_trajectories
+from diffrl.types import SamplerSettings
 
 PROMPTS = ["a red circle", "a small blue square on the left", "a cat"]
 
@@ -11,7 +12,10 @@ PROMPTS = ["a red circle", "a small blue square on the left", "a cat"]
 @pytest.fixture(scope="module")
 def trajectory(tiny_sd):
     return sample_trajectories(
-        tiny_sd, PROMPTS, num_steps=8, guidance_scale=5.0, eta=1.0, generator=torch.Generator().manual_seed(0)
+        tiny_sd,
+        PROMPTS,
+        SamplerSettings(num_steps=8, guidance_scale=5.0, eta=1.0),
+        generator=torch.Generator().manual_seed(0),
     )
 
 
@@ -53,14 +57,19 @@ def test_rescoring_stored_actions_gives_zero_log_ratio(tiny_sd, trajectory):
 
 def test_same_generator_seed_reproduces_the_trajectory(tiny_sd, trajectory):
     again = sample_trajectories(
-        tiny_sd, PROMPTS, num_steps=8, guidance_scale=5.0, eta=1.0, generator=torch.Generator().manual_seed(0)
+        tiny_sd,
+        PROMPTS,
+        SamplerSettings(num_steps=8, guidance_scale=5.0, eta=1.0),
+        generator=torch.Generator().manual_seed(0),
     )
     torch.testing.assert_close(again.latents, trajectory.latents, rtol=0, atol=0)
 
 
 def test_eta0_image_matches_diffusers_pipeline(tiny_sd):
     x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    ours = sample_trajectories(tiny_sd, PROMPTS[:2], num_steps=10, guidance_scale=5.0, eta=0.0, latents=x_t)
+    ours = sample_trajectories(
+        tiny_sd, PROMPTS[:2], SamplerSettings(num_steps=10, guidance_scale=5.0, eta=0.0), latents=x_t
+    )
     reference = tiny_sd(
         PROMPTS[:2], num_inference_steps=10, guidance_scale=5.0, eta=0.0, latents=x_t, output_type="pt"
     ).images
@@ -72,9 +81,7 @@ def test_no_guidance_uses_conditional_prediction_only(tiny_sd):
     tr = sample_trajectories(
         tiny_sd,
         PROMPTS[:1],
-        num_steps=4,
-        guidance_scale=1.0,
-        eta=1.0,
+        SamplerSettings(num_steps=4, guidance_scale=1.0, eta=1.0),
         generator=torch.Generator().manual_seed(1),
     )
     assert tr.negative_prompt_embeds is None
@@ -89,9 +96,9 @@ def test_no_guidance_uses_conditional_prediction_only(tiny_sd):
 
 def test_bad_sizes_are_rejected_early(tiny_sd):
     with pytest.raises(ValueError, match="multiples of 4"):
-        sample_trajectories(tiny_sd, ["x"], num_steps=2, height=30)
+        sample_trajectories(tiny_sd, ["x"], SamplerSettings(num_steps=2, height=30))
     with pytest.raises(ValueError, match="latents shape"):
-        sample_trajectories(tiny_sd, ["x"], num_steps=2, latents=torch.zeros(2, 4, 8, 8))
+        sample_trajectories(tiny_sd, ["x"], SamplerSettings(num_steps=2), latents=torch.zeros(2, 4, 8, 8))
 
 
 def _encoder_calls(pipe):

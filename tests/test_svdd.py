@@ -9,13 +9,15 @@ import torch
 from diffrl import rewards
 from diffrl.guidance.svdd import (
     best_of_n,
-    load_value_net,
     posterior_mean_value,
     resample_worst,
-    save_value_net,
     select_candidates,
     smc,
     svdd,
+)
+from diffrl.guidance.value import (
+    load_value_net,
+    save_value_net,
     train_value_net,
     value_net_value,
     value_targets,
@@ -23,6 +25,7 @@ from diffrl.guidance.svdd import (
 from diffrl.pipelines import load_pipeline
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_trajectories
+from diffrl.types import SamplerSettings
 
 PROMPTS = ["a red circle", "a small blue square on the left", "a green triangle"]
 
@@ -32,7 +35,9 @@ def brightness(images, prompts, metadata):
 
 
 def test_one_candidate_is_plain_sampling(tiny_sd):
-    plain = sample_trajectories(tiny_sd, PROMPTS, num_steps=5, generator=torch.Generator().manual_seed(4))
+    plain = sample_trajectories(
+        tiny_sd, PROMPTS, SamplerSettings(num_steps=5), generator=torch.Generator().manual_seed(4)
+    )
     called = []
 
     def value(*args):
@@ -43,9 +48,8 @@ def test_one_candidate_is_plain_sampling(tiny_sd):
         tiny_sd,
         PROMPTS,
         value,
+        SamplerSettings(num_steps=5, guidance_scale=5.0),
         num_candidates=1,
-        num_steps=5,
-        guidance_scale=5.0,
         generator=torch.Generator().manual_seed(4),
     )
     torch.testing.assert_close(guided.images, plain.images, rtol=0, atol=1e-6)
@@ -86,9 +90,8 @@ def test_svdd_pm_calls_the_unet_once_per_candidate(tiny_sd):
             tiny_sd,
             PROMPTS,
             posterior_mean_value(_checked_brightness()),
+            SamplerSettings(num_steps=t, guidance_scale=5.0),
             num_candidates=m,
-            num_steps=t,
-            guidance_scale=5.0,
             generator=torch.Generator().manual_seed(0),
         )
     finally:
@@ -111,19 +114,17 @@ def test_smc_and_best_of_n_spend_the_matched_budget(tiny_sd):
             tiny_sd,
             PROMPTS,
             posterior_mean_value(brightness),
+            SamplerSettings(num_steps=5, guidance_scale=5.0),
             num_particles=4,
             alpha=0.1,
-            num_steps=5,
-            guidance_scale=5.0,
             generator=torch.Generator().manual_seed(0),
         ),
         lambda: best_of_n(
             tiny_sd,
             PROMPTS,
             brightness,
+            SamplerSettings(num_steps=5, guidance_scale=5.0),
             n=4,
-            num_steps=5,
-            guidance_scale=5.0,
             generator=torch.Generator().manual_seed(0),
         ),
     ):
@@ -140,11 +141,14 @@ def test_guidance_raises_a_reward_it_is_given(tiny_sd):
     """Brightness is a smooth function of the latents: every guided sampler beats plain sampling."""
     prompts = [f"a red circle {i}" for i in range(6)]
     plain = sample_trajectories(
-        tiny_sd, prompts, num_steps=5, generator=torch.Generator().manual_seed(0)
+        tiny_sd, prompts, SamplerSettings(num_steps=5), generator=torch.Generator().manual_seed(0)
     ).images
-    settings = dict(num_steps=5, guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
-    pm = svdd(tiny_sd, prompts, posterior_mean_value(brightness), num_candidates=6, **settings).images
-    bon = best_of_n(tiny_sd, prompts, brightness, n=6, **settings).images
+    settings, generator = SamplerSettings(num_steps=5, guidance_scale=5.0), torch.Generator().manual_seed(0)
+    pm = svdd(
+        tiny_sd, prompts, posterior_mean_value(brightness), settings, num_candidates=6, generator=generator
+    )
+    bon = best_of_n(tiny_sd, prompts, brightness, settings, n=6, generator=generator).images
+    pm = pm.images
     base = brightness(plain, prompts, None).mean()
     assert brightness(pm, prompts, None).mean() > base + 0.005
     assert brightness(bon, prompts, None).mean() > base + 0.005
@@ -152,12 +156,10 @@ def test_guidance_raises_a_reward_it_is_given(tiny_sd):
 
 def test_value_net_fits_a_known_reward_better_than_a_constant(tiny_sd, tmp_path):
     prompts = [f"a red circle {i % 4}" for i in range(160)]
-    settings = dict(num_steps=6, guidance_scale=5.0)
-    train = value_targets(
-        tiny_sd, prompts, brightness, generator=torch.Generator().manual_seed(0), **settings
-    )
+    settings = SamplerSettings(num_steps=6, guidance_scale=5.0)
+    train = value_targets(tiny_sd, prompts, brightness, settings, generator=torch.Generator().manual_seed(0))
     held = value_targets(
-        tiny_sd, prompts[:24], brightness, generator=torch.Generator().manual_seed(1), **settings
+        tiny_sd, prompts[:24], brightness, settings, generator=torch.Generator().manual_seed(1)
     )
     net = train_value_net(train, epochs=20)
     path = tmp_path / "value.safetensors"
@@ -179,15 +181,15 @@ def test_svdd_pm_raises_shapes_alignment_on_the_tiny_model():
     tiny = load_pipeline("tiny")
     prompts = load_prompts("toy_heldout_single").prompts[::2]  # 32 fixed prompts
     reward_fn = rewards.get("shapes_alignment")
-    settings = dict(num_steps=4, guidance_scale=5.0)
-    plain = sample_trajectories(tiny, prompts, generator=torch.Generator().manual_seed(0), **settings).images
+    settings = SamplerSettings(num_steps=4, guidance_scale=5.0)
+    plain = sample_trajectories(tiny, prompts, settings, generator=torch.Generator().manual_seed(0)).images
     guided = svdd(
         tiny,
         prompts,
         posterior_mean_value(reward_fn),
+        settings,
         num_candidates=8,
         generator=torch.Generator().manual_seed(0),
-        **settings,
     ).images
     before, after = (
         reward_fn(images, prompts, [{} for _ in prompts]).mean().item() for images in (plain, guided)
@@ -343,9 +345,8 @@ def test_svdd_runs_on_the_lcm_policy(tiny_lcm):
         tiny_lcm,
         prompts,
         None,
+        SamplerSettings(num_steps=4, guidance_scale=8.0),
         num_candidates=1,
-        num_steps=4,
-        guidance_scale=8.0,
         generator=torch.Generator().manual_seed(2),
     )
     torch.testing.assert_close(plain.images, reference, rtol=0, atol=1e-5)
@@ -355,9 +356,8 @@ def test_svdd_runs_on_the_lcm_policy(tiny_lcm):
             tiny_lcm,
             prompts,
             posterior_mean_value(brightness),
+            SamplerSettings(num_steps=4, guidance_scale=8.0),
             num_candidates=3,
-            num_steps=4,
-            guidance_scale=8.0,
             generator=torch.Generator().manual_seed(2),
         )
     finally:

@@ -16,6 +16,7 @@ from diffrl.files import read_jsonl
 from diffrl.rollout import sample_trajectories
 from diffrl.testing import tiny_sd_pipeline
 from diffrl.trainer import train
+from diffrl.types import SamplerSettings
 
 ROOT = Path(__file__).parent.parent
 TINY = str(ROOT / "configs" / "ddpo" / "tiny_compressibility.yaml")
@@ -80,7 +81,10 @@ def test_train_help_explains_configs_and_overrides():
 
 def _samples(pipe, seed=3):
     return sample_trajectories(
-        pipe, ["a red circle", "a blue square"], num_steps=4, generator=torch.Generator().manual_seed(seed)
+        pipe,
+        ["a red circle", "a blue square"],
+        SamplerSettings(num_steps=4),
+        generator=torch.Generator().manual_seed(seed),
     ).images
 
 
@@ -165,8 +169,10 @@ def test_timesteps_per_pass_keeps_the_gradient_of_one_term_per_timestep(per_pass
     steps of the minibatch-mean term, computed here directly with autograd."""
     from accelerate import Accelerator
 
+    from diffrl.algorithms import Batch
     from diffrl.config import load_config
-    from diffrl.trainer import Learner, NonFiniteGuard, Streams, prepare_unet, stack_epoch, update_epoch
+    from diffrl.learner import Learner, NonFiniteGuard, prepare_unet
+    from diffrl.run import Streams
 
     pipe = tiny_sd_pipeline(seed=0)
     config = load_config(
@@ -185,8 +191,8 @@ def test_timesteps_per_pass_keeps_the_gradient_of_one_term_per_timestep(per_pass
     torch.manual_seed(0)
     for p in params:  # LoRA's B starts at zero, which would leave A without gradient
         torch.nn.init.normal_(p, std=0.05)
-    data = stack_epoch(
-        [sample_trajectories(pipe, ["a", "b", "c"], num_steps=4, generator=torch.Generator().manual_seed(0))]
+    data = sample_trajectories(
+        pipe, ["a", "b", "c"], SamplerSettings(num_steps=4), generator=torch.Generator().manual_seed(0)
     )
     accelerator = Accelerator(cpu=True)
     learner = Learner(
@@ -198,15 +204,9 @@ def test_timesteps_per_pass_keeps_the_gradient_of_one_term_per_timestep(per_pass
         sum(learner.log_prob(data, everyone, torch.full((3,), s)).mean() for s in range(4)) / 4, params
     )
     before = [p.detach().clone() for p in params]
-    update_epoch(
-        learner,
-        torch.ones(3, dtype=torch.bool),
-        4,
-        0,
-        lambda idx, step, valid: (learner.log_prob(data, idx, step).mean(), {}),
-        Streams.seeded(0, 0),
-        0,
-        False,
+    batch = Batch(members=everyone[:, None], trained=torch.ones(3, dtype=torch.bool), rewards=torch.zeros(3))
+    learner.train_epoch(
+        lambda term, batch, config: (term.log_prob.mean(), {}), batch, data, Streams.seeded(0, 0), 0, False
     )
     for p, start, grad in zip(params, before, expected):  # float32 noise of different batch shapes
         torch.testing.assert_close(
@@ -215,8 +215,9 @@ def test_timesteps_per_pass_keeps_the_gradient_of_one_term_per_timestep(per_pass
 
 
 def test_merged_lora_computes_what_the_adapters_do_and_restores_the_base_weights_bit_for_bit():
+    from diffrl.collect import lora_merged
     from diffrl.config import load_config
-    from diffrl.trainer import lora_merged, prepare_unet
+    from diffrl.learner import prepare_unet
 
     pipe = tiny_sd_pipeline(seed=0)
     params = prepare_unet(

@@ -36,7 +36,15 @@ from typing import Literal
 
 import torch
 
+from diffrl.algorithms import Batch, Context, Plan, Rollouts, gather, per_sample
+from diffrl.algorithms.ddpo import loss
+from diffrl.errors import require
+
+__all__ = ["SECTION", "Config", "loss", "plan", "prepare", "setup", "validate"]
+
 Z_EPS = 1e-8
+SECTION = "b2diffurl"
+"""The config section of B²-DiffuRL's settings (:class:`B2DiffuRLConfig`)."""
 
 
 @dataclass
@@ -55,6 +63,18 @@ class B2DiffuRLConfig:
     """A group's best is kept if z >= this, its worst if z <= -this."""
     advantage: Literal["history", "siblings"] = "history"
     """z against the prompt's reward history (authors' code) or against the sibling group (paper text)."""
+
+    def validate(self) -> None:
+        require(self.num_stages >= 1, "b2diffurl.num_stages", f"must be >= 1, got {self.num_stages}")
+        require(self.num_branches >= 1, "b2diffurl.num_branches", f"must be >= 1, got {self.num_branches}")
+        require(
+            self.history_stages >= 0, "b2diffurl.history_stages", f"must be >= 0, got {self.history_stages}"
+        )
+        require(
+            self.select_threshold >= 0,
+            "b2diffurl.select_threshold",
+            f"must be >= 0, got {self.select_threshold}",
+        )
 
 
 def trained_steps(stage: int, config: B2DiffuRLConfig) -> int:
@@ -149,3 +169,43 @@ def compute_advantages(
     z = z_history if config.advantage == "history" else sibling_z(rewards, groups)
     keep = select_extremes(z, groups, config.select_threshold)
     return torch.where(keep, z, torch.zeros_like(z)), keep
+
+
+# ---------------------------------------------------------------------------- the interface
+
+Config = B2DiffuRLConfig
+
+
+def setup(config) -> StageHistory:
+    """The per-prompt stage history the z-scores use (saved in every checkpoint)."""
+    return StageHistory(config.b2diffurl.history_stages)
+
+
+def plan(config, epoch: int) -> Plan:
+    """Stage s = epoch s: chains branch at b(s) into K branches, steps b(s)..N−1 are trained."""
+    b = config.b2diffurl
+    return Plan(branch_step(epoch, config.sample.num_steps, b), b.num_branches)
+
+
+def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
+    """History z-scores and sibling selection of the gathered stage batch (Sec. 4.2)."""
+    gathered, config = gather(ctx, rollouts, epoch), ctx.config
+    finite = gathered.finite
+    advantages, trained = torch.zeros_like(gathered.rewards), finite.clone()
+    kept = [p for p, keep in zip(gathered.prompts, finite.tolist()) if keep]
+    advantages[finite], trained[finite] = compute_advantages(
+        kept, gathered.rewards[finite], gathered.groups[finite], ctx.state, epoch, config.b2diffurl
+    )
+    return per_sample(advantages, trained, gathered, plan(config, epoch).branch_step)
+
+
+def validate(config) -> None:
+    """The schedule must fit in the sampler's steps. (The selection keeps a varying number of
+    samples, padded to whole optimizer steps, so batch sizes need not divide.)"""
+    b, n = config.b2diffurl, config.sample.num_steps
+    require(
+        1 <= b.min_trained_steps <= b.max_trained_steps <= n,
+        "b2diffurl.min_trained_steps",
+        f"need 1 <= min_trained_steps ({b.min_trained_steps}) <= max_trained_steps ({b.max_trained_steps}) "
+        f"<= sample.num_steps ({n})",
+    )

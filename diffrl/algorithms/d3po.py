@@ -32,6 +32,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from diffrl.algorithms import Batch, Context, Plan, Rollouts, Term
+from diffrl.errors import AwaitingLabels, require
+
+SECTION = "d3po"
+"""The config section of D3PO's settings (:class:`D3POConfig`)."""
+
 DEFAULTS: dict[str, dict] = {
     "sample": {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0},
     "train": {"learning_rate": 3e-5, "max_grad_norm": 1.0},
@@ -55,6 +61,24 @@ class D3POConfig:
     rollouts (``diffrl label RUN_DIR``; the run checkpoints every epoch and waits for them)."""
     extra_rewards: list[str] = field(default_factory=list)
     """More reward names besides ``reward.name``; a pair has a winner only under Pareto dominance."""
+
+    def validate(self) -> None:
+        require(self.beta > 0, "d3po.beta", f"must be > 0, got {self.beta}")
+        require(
+            self.clamp is None or 0 < self.clamp < 1,
+            "d3po.clamp",
+            f"must be in (0, 1) or null, got {self.clamp}",
+        )
+        require(
+            self.group_size >= 2,
+            "d3po.group_size",
+            f"must be >= 2 (a pair per prompt), got {self.group_size}",
+        )
+        require(
+            self.preferences == "reward" or not self.extra_rewards,
+            "d3po.extra_rewards",
+            "only used with preferences: reward (with human labels the rewards are only logged)",
+        )
 
 
 @dataclass
@@ -135,3 +159,106 @@ def d3po_loss(
         return losses.mean(), logits.detach()
     weights = valid.to(losses.dtype)
     return (losses * weights).sum() / weights.sum().clamp(min=1), logits.detach()
+
+
+# ---------------------------------------------------------------------------- the interface
+
+Config = D3POConfig
+
+
+def validate(config) -> None:
+    """The pretrained reference is the UNet with its adapters disabled: it needs LoRA. (Ties are
+    not trained, so the number of pairs varies and is padded: batch sizes need not divide.)"""
+    require(
+        config.d3po.reference != "pretrained" or config.model.use_lora,
+        "d3po.reference",
+        "pretrained needs model.use_lora: true (the reference is the UNet with its LoRA adapters "
+        "disabled; full fine-tuning would need a second UNet); or use reference: sampler",
+    )
+
+
+def setup(config) -> list:
+    """The ``(name, reward function)`` of each of ``d3po.extra_rewards``, built before any model
+    loads so that a bad name fails early."""
+    from diffrl import rewards
+
+    return [(name, rewards.get(name)) for name in config.d3po.extra_rewards]
+
+
+def plan(config, epoch: int) -> Plan:
+    """Groups of ``group_size`` chains sharing x_T (branch step 0); with human labels the epoch is
+    checkpointed, since the next one waits for labels."""
+    d = config.d3po
+    return Plan(0, d.group_size, checkpoint=d.preferences == "human")
+
+
+def collect(ctx: Context, epoch: int, sample) -> Rollouts:
+    """AI feedback: the sampled epoch. Human labels: this process's rollouts of ``epoch``, sampled
+    and saved (:mod:`diffrl.human`) on the first visit and read back on the next; raises
+    :class:`AwaitingLabels` while any process's groups lack a label."""
+    if ctx.config.d3po.preferences != "human":
+        return sample()
+    from diffrl import human
+
+    accelerator = ctx.accelerator
+    folder = human.rollout_folder(ctx.run_dir, epoch, accelerator.process_index)
+    if human.is_saved(folder):
+        rollouts = Rollouts(*human.load_rollouts(folder))
+    else:
+        rollouts = sample()
+        human.save_rollouts(folder, rollouts.traj, rollouts.rewards, rollouts.metadata)
+    counts = torch.tensor(
+        [len(human.unlabeled(folder)), len(human.read_index(folder)["groups"])], device=accelerator.device
+    )
+    missing, total = accelerator.reduce(counts, "sum").tolist()
+    if missing:
+        raise AwaitingLabels(ctx.run_dir, epoch, missing, total)
+    return rollouts
+
+
+def preference_scores(ctx: Context, rollouts: Rollouts, epoch: int) -> torch.Tensor:
+    """AI feedback: ``[N, 1 + E]`` scores of this process's samples under ``reward.name`` (already
+    computed, NaN where dropped) and each of the ``d3po.extra_rewards`` (scored in sampling-batch
+    chunks under ``reward.timeout`` / ``reward.on_error``)."""
+    from diffrl.collect import score_images
+
+    columns, config = [rollouts.rewards], ctx.config
+    chunk = config.sample.batch_size * config.d3po.group_size  # one sampling batch
+    for name, fn in ctx.state:
+        columns.append(score_images(fn, rollouts.traj, config, f"epoch {epoch}, extra reward {name}", chunk))
+    return torch.stack(columns, dim=1)
+
+
+def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
+    """This process's pairs of each group with their preferences (labels or Pareto dominance)."""
+    groups, accelerator = rollouts.traj.parents, ctx.accelerator
+    if ctx.config.d3po.preferences == "human":
+        from diffrl import human
+
+        pairs = human.label_pairs(groups, human.rollout_folder(ctx.run_dir, epoch, accelerator.process_index))
+    else:
+        pairs = preferences(preference_scores(ctx, rollouts, epoch), groups)
+    count = accelerator.reduce(torch.tensor(len(pairs), device=accelerator.device), "sum")
+    return Batch(
+        members=torch.stack([pairs.first, pairs.second], dim=1),
+        trained=pairs.decided,
+        rewards=accelerator.gather(rollouts.rewards.to(accelerator.device)).cpu(),
+        values={"h": pairs.h},
+        metrics={"num_pairs": int(count)},
+    )
+
+
+def loss(term: Term, batch: Batch, config) -> tuple[torch.Tensor, dict]:
+    """The per-step loss of both members' log πθ − log π_ref at the same step (:func:`d3po_loss`),
+    the implicit accuracy, approx_kl to the reference and the share of clamped ratios."""
+    d = config.d3po
+    reference = term.old_log_prob if d.reference == "sampler" else term.reference()
+    log_ratio = term.log_prob - reference  # [B, 2]: (a, b) of each pair
+    value, logits = d3po_loss(log_ratio, batch.values["h"][term.rows], d.beta, d.clamp, term.valid)
+    weight = term.valid.float() / term.valid.sum().clamp(min=1)
+    outside = (log_ratio.detach().exp() - 1).abs() > (d.clamp if d.clamp is not None else float("inf"))
+    return value, {
+        "accuracy": ((logits > 0).float() * weight).sum(),
+        "approx_kl": (0.5 * log_ratio.detach().pow(2).mean(1) * weight).sum(),
+        "clipfrac": (outside.float().mean(1) * weight).sum(),
+    }

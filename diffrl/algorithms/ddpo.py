@@ -10,6 +10,9 @@ takes the importance-sampled gradient of E[r] with PPO's clipped surrogate (Schu
 
 with log-probs in diffrl's element-mean convention (that is what makes eps = 1e-4 meaningful) and
 advantages A from per-prompt reward statistics (Sec. 4.3), clipped to [-adv_clip_max, adv_clip_max].
+
+The interface (:mod:`diffrl.algorithms`): every epoch samples independent chains (:func:`plan`),
+:func:`prepare` turns the gathered rewards into advantages, :func:`loss` is the PPO term.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffrl.algorithms import Batch, Context, Plan, Rollouts, Term, gather, per_sample
+from diffrl.errors import ConfigError
 from diffrl.stat_tracking import PerPromptStatTracker, normalize
 
 
@@ -78,3 +83,49 @@ def ppo_loss(
             clipfrac=mean(((ratio - 1.0).abs() > clip_range).float()),
         )
     return loss, stats
+
+
+# ---------------------------------------------------------------------------- the interface
+
+
+def setup(config) -> PerPromptStatTracker | None:
+    """The per-prompt reward statistics (None with ``stat_tracking.enabled: false``)."""
+    st = config.stat_tracking
+    return PerPromptStatTracker(st.buffer_size, st.min_count) if st.enabled else None
+
+
+def validate(config) -> None:
+    """Whole optimizer steps per epoch: every sample is trained, so the counts must divide."""
+    s, t = config.sample, config.train
+    samples, per_step = s.batch_size * s.num_batches_per_epoch, t.batch_size * t.gradient_accumulation_steps
+    if samples % per_step:
+        raise ConfigError(
+            f"train.batch_size: sample.batch_size * sample.num_batches_per_epoch = {samples} samples per process must be a "
+            f"multiple of train.batch_size * train.gradient_accumulation_steps = {per_step} (whole optimizer "
+            "steps per epoch)",
+        )
+
+
+def plan(config, epoch: int) -> Plan:
+    """Independent chains, every step trained."""
+    return Plan()
+
+
+def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
+    """Advantages of the gathered epoch from the samples whose reward was not dropped (Sec. 4.3)."""
+    gathered = gather(ctx, rollouts, epoch)
+    finite = gathered.finite
+    advantages = torch.zeros_like(gathered.rewards)
+    kept = [p for p, keep in zip(gathered.prompts, finite.tolist()) if keep]
+    advantages[finite] = compute_advantages(kept, gathered.rewards[finite], ctx.state)
+    return per_sample(advantages, finite, gathered)
+
+
+def loss(term: Term, batch: Batch, config) -> tuple[torch.Tensor, dict]:
+    """The PPO clipped surrogate of one term (:func:`ppo_loss`) and its approx_kl / clipfrac."""
+    t = config.train
+    advantages = batch.values["advantages"][batch.members[term.rows, 0]]
+    value, stats = ppo_loss(
+        term.log_prob[:, 0], term.old_log_prob[:, 0], advantages, t.clip_range, t.adv_clip_max, term.valid
+    )
+    return value, {"approx_kl": stats.approx_kl, "clipfrac": stats.clipfrac}

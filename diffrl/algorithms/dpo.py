@@ -13,38 +13,34 @@ policy θ and the frozen reference,
 (β = 5000 folds in T·ω(λ_t); the mean of −log σ, not −log σ of the mean). Implicit accuracy =
 mean(inside > 0): the policy moved the winner's error down relative to the loser's.
 
-**SePPO** (Sec. 3 of the paper): only winners come from data. For each winner the loser slot is
-taken by x^ref, a sample the *reference model* generates for the same prompt, and the reference
-is drawn from the K most recent checkpoints of the run (:func:`choose_reference`; strategies
-``initial`` θ_0, ``latest`` θ_{k−1}, ``random`` uniform over the K newest, the paper's best).
-With the same t and ε for both images:
+SePPO (:mod:`diffrl.algorithms.seppo`) shares this module's data, noising and errors.
 
-    Δ_w = mse_θ(xʷ) − mse_ref(xʷ),      Δ_r = mse_θ(x^ref) − mse_ref(x^ref)
-    loss = −log σ(−½·β·(Δ_w − s·Δ_r))
-
-The anchor-based flipper chooses s ∈ {+1, −1} per sample from the errors on the winning image,
-the anchor, under that same noise. The rule implemented here (:func:`seppo_signs`; the paper's
-Eq. 8, as summarised in REFERENCES.md, whose exact inequality could not be checked against the
-paper from this machine):
-
-    s = −1  if mse_ref(xʷ) < mse_θ(xʷ)   (Δ_w > 0: the reference fits the preferred image better
-                                            than the policy, so its own sample is probably good:
-                                            push its error down together with the winner's)
-    s = +1  otherwise                     (the policy already fits the winner at least as well:
-                                            treat x^ref as a loser, Diffusion-DPO's term)
-
-s is a decision, not a differentiable quantity (computed without gradient). With s = +1 the loss
-is exactly Diffusion-DPO's with x^ref as the loser; ``flipper: false`` keeps s = +1 for every
-sample (the paper's "without flipper" ablation).
+Both are offline algorithms (:mod:`diffrl.algorithms`): :func:`setup` reads the preference data
+before any model loads, :func:`term` prepares one minibatch's term for the learner.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from diffrl.errors import require
+from diffrl.learner import adapters_disabled
+from diffrl.ops import eps_mse
+from diffrl.preferences import Preference, load_images, load_preferences
+from diffrl.rollout import encode_prompts
+
+OFFLINE = True
+"""Trained on a data source, not on rollouts (:mod:`diffrl.offline`)."""
+SECTION = "dpo"
+"""The config section of Diffusion-DPO's and SePPO's settings (:class:`DPOConfig`)."""
 
 DEFAULTS: dict[str, dict] = {
     "train": {"learning_rate": 2e-5, "adam_weight_decay": 1e-2, "max_grad_norm": 1.0},
@@ -78,6 +74,26 @@ class DPOConfig:
     """SePPO: the anchor-based flipper chooses each sample's sign; false: s = +1 always (x^ref is
     always the loser, the paper's ablation without the flipper)."""
 
+    def validate(self) -> None:
+        require(
+            bool(self.data),
+            "dpo.data",
+            "is required: a JSONL of {prompt, winner, loser}, a folder with pairs.jsonl, or hf:NAME",
+        )
+        require(self.beta > 0, "dpo.beta", f"must be > 0, got {self.beta}")
+        require(
+            0 <= self.empty_prompt_fraction < 1,
+            "dpo.empty_prompt_fraction",
+            f"must be in [0, 1), got {self.empty_prompt_fraction}",
+        )
+        require(self.reference_pool >= 1, "dpo.reference_pool", f"must be >= 1, got {self.reference_pool}")
+        require(
+            self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+            "dpo.steps_per_epoch",
+            f"must be >= 1 or null, got {self.steps_per_epoch}",
+        )
+        require(self.sample_steps >= 1, "dpo.sample_steps", f"must be >= 1, got {self.sample_steps}")
+
 
 def dpo_inside(
     mse_w: torch.Tensor, mse_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float
@@ -91,34 +107,116 @@ def dpo_loss(inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return -F.logsigmoid(inside).mean(), (inside.detach() > 0).float().mean()
 
 
-def seppo_signs(mse_w: torch.Tensor, ref_w: torch.Tensor) -> torch.Tensor:
-    """The anchor-based flipper: s ``[B]`` = −1 where the reference fits the winner better than the
-    policy (mse_ref(xʷ) < mse_θ(xʷ)), else +1 (see the module doc). No gradient."""
-    return torch.where(ref_w.detach() < mse_w.detach(), -1.0, 1.0)
+# ---------------------------------------------------------------------------- one term
 
 
-def seppo_inside(
-    mse_w: torch.Tensor,
-    mse_r: torch.Tensor,
-    ref_w: torch.Tensor,
-    ref_r: torch.Tensor,
-    beta: float,
-    flipper: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SePPO's ``inside = −½·β·(Δ_w − s·Δ_r)`` ``[B]`` and the signs s ``[B]``; errors ``[B]``
-    of the winner (w) and the reference's sample (r) under the policy and the reference; without
-    the ``flipper`` s = +1."""
-    signs = seppo_signs(mse_w, ref_w) if flipper else torch.ones_like(mse_w)
-    return -0.5 * beta * ((mse_w - ref_w) - signs * (mse_r - ref_r)), signs
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """VAE latents (scaled, the distribution's mean) of images ``[B, 3, H, W]`` in [−1, 1]."""
+    vae = pipe.vae
+    latents = vae.encode(images.to(pipe._execution_device, vae.dtype)).latent_dist.mean
+    return latents.float() * vae.config.scaling_factor
 
 
-def choose_reference(checkpoints: list, strategy: str, pool: int, generator: torch.Generator):
-    """SePPO's reference for this step among the run's checkpoints (oldest first): None for θ_0
-    (the pretrained model: ``initial``, or before the first checkpoint), the newest
-    (``latest``), or one drawn uniformly from the ``pool`` most recent (``random``)."""
-    kept = list(checkpoints)[-pool:]
-    if strategy == "initial" or not kept:
-        return None
-    if strategy == "latest":
-        return kept[-1]
-    return kept[int(torch.randint(len(kept), (1,), generator=generator))]
+def noised_pair(pipe, winners: torch.Tensor, losers: torch.Tensor, generator: torch.Generator):
+    """Both images of each pair noised with the same t ~ U{0..T−1} and the same ε.
+
+    Returns (x_t ``[2B, C, h, w]`` winners first, t ``[2B]``, ε ``[2B, C, h, w]``)."""
+    batch, scheduler = winners.shape[0], pipe.scheduler
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    noise = torch.randn(winners.shape, generator=generator).to(winners.device)
+    t, noise = torch.cat([t, t]).to(winners.device), torch.cat([noise, noise])
+    return scheduler.add_noise(torch.cat([winners, losers]), noise, t), t, noise
+
+
+def errors(unet, x_t, t, embeds, noise, accelerator) -> torch.Tensor:
+    """Per-sample ε errors mean_{C,H,W} (ε̂(x_t, t) − ε)² ``[2B]`` float32 (``ops.eps_mse``)."""
+    with accelerator.autocast():
+        pred = unet(x_t.to(embeds.dtype), t, encoder_hidden_states=embeds).sample
+    return eps_mse(pred, noise)
+
+
+@lru_cache(maxsize=8)
+def checkpoint_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The trainable weights a checkpoint folder holds (cached: a written checkpoint never changes)."""
+    return load_file(str(Path(checkpoint) / "trainable.safetensors"))
+
+
+@contextmanager
+def swapped_in(unet, weights: dict[str, torch.Tensor] | None):
+    """Within ``with``: the UNet with ``weights`` (a checkpoint's trainable tensors) in place of
+    its trained ones, or the pretrained UNet (LoRA disabled) for None; the trained weights are
+    back afterwards."""
+    if weights is None:
+        with adapters_disabled(unet):
+            yield unet
+        return
+    params = dict(unet.named_parameters())
+    saved = {name: params[name].detach().clone() for name in weights}
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    try:
+        yield unet
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def resolution(pipe, config) -> int:
+    """The training image side: ``sample.resolution`` or the model's native size."""
+    return config.sample.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def encode_batch(learner, batch: list[Preference], config, streams):
+    """The prompts of ``batch`` (each replaced by the empty prompt with probability
+    ``dpo.empty_prompt_fraction``), their embeddings ``[B, L, D]`` and the winners' latents."""
+    pipe, d = learner.pipe, config.dpo
+    prompts = [
+        "" if float(torch.rand(1, generator=streams.prompts)) < d.empty_prompt_fraction else p.prompt
+        for p in batch
+    ]
+    embeds, _ = encode_prompts(pipe, prompts, None, False)
+    winners = encode_images(pipe, load_images([p.winner for p in batch], resolution(pipe, config)))
+    return prompts, embeds, winners
+
+
+# ---------------------------------------------------------------------------- the interface
+
+Config = DPOConfig
+
+
+def validate(config) -> None:
+    require(
+        config.model.use_lora,
+        "model.use_lora",
+        f"{config.algorithm} needs LoRA: the reference is the UNet with its adapters disabled (or a "
+        "checkpoint's adapters swapped in); full fine-tuning would need a second UNet",
+    )
+
+
+def setup(config) -> list[Preference]:
+    """The preference data, every image file checked (before any model loads)."""
+    return load_preferences(config.dpo.data, need_loser=True)
+
+
+def term(ctx, learner, batch: list[Preference], streams):
+    """Prepare one Diffusion-DPO term on ``batch`` without gradient (latents, the shared t and ε,
+    the frozen reference's errors) and return the closure computing its loss and stats with
+    gradient, for :meth:`diffrl.learner.Learner.update`."""
+    pipe, config = learner.pipe, ctx.config
+    with torch.no_grad():
+        _, embeds, winners = encode_batch(learner, batch, config, streams)
+        losers = encode_images(pipe, load_images([p.loser for p in batch], resolution(pipe, config)))
+        embeds2 = torch.cat([embeds, embeds])
+        x_t, t, noise = noised_pair(pipe, winners, losers.to(winners.device), streams.sampling)
+        with swapped_in(pipe.unet, None):
+            ref_w, ref_l = errors(pipe.unet, x_t, t, embeds2, noise, learner.accelerator).chunk(2)
+
+    def loss():
+        mse_w, mse_l = errors(learner.unet, x_t, t, embeds2, noise, learner.accelerator).chunk(2)
+        value, accuracy = dpo_loss(dpo_inside(mse_w, mse_l, ref_w, ref_l, config.dpo.beta))
+        return value, {"accuracy": accuracy}
+
+    return loss

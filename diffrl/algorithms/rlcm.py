@@ -23,9 +23,28 @@ appendix settings): H = 8 steps, lr 1e-4, PPO clip 1e-4, advantages clipped to Â
 
 from __future__ import annotations
 
+from diffrl.algorithms.ddpo import loss, plan, prepare, setup
+from diffrl.algorithms.ddpo import validate as validate_batches
+from diffrl.errors import ConfigError
+
+__all__ = ["DEFAULTS", "MODEL", "loss", "plan", "prepare", "setup", "validate"]
+
+MODEL = "lcm"
+"""RLCM trains a latent consistency model's sampler (:mod:`diffrl.policies.lcm`)."""
+
 DEFAULTS: dict[str, dict] = {
     "sample": {"num_steps": 8, "guidance_scale": 8.0},
     "train": {"learning_rate": 1e-4, "clip_range": 1e-4, "adv_clip_max": 10.0, "max_grad_norm": 5.0},
     "model": {"lora_rank": 8, "lora_alpha": 8.0},
 }
 """Values ``algorithm: rlcm`` uses for the keys a config leaves unset (the paper's settings)."""
+
+
+def validate(config) -> None:
+    """H >= 2 consistency steps (H âˆ’ 1 are actions), and DDPO's whole optimizer steps."""
+    if config.sample.num_steps < 2:
+        raise ConfigError(
+            "sample.num_steps: RLCM needs H >= 2 consistency steps (H - 1 of them are trained actions), "
+            f"got {config.sample.num_steps}"
+        )
+    validate_batches(config)

@@ -15,9 +15,9 @@ Value estimates (Sec. 4.2):
     exactly what the chosen candidate needs for its next step, so it is reused, not recomputed:
     one UNet evaluation per candidate, P + P·M·(T−1) per P images (the released code makes
     (M+1)·T). The last step has no selection (its one child is the image).
-  * **SVDD-MC** (:func:`value_net_value`): a small network v(x_t, t, prompt) regressed on rollouts
+  * **SVDD-MC** (:func:`diffrl.guidance.value.value_net_value`): a small network v(x_t, t, prompt) regressed on rollouts
     of the pretrained model (Eq. 6 with α → 0: plain regression of r(x_0) on the states;
-    :func:`train_value_net`, ``diffrl train-value``).
+    :mod:`diffrl.guidance.value`, ``diffrl train-value``).
   * **SVDD-R**: after each step the worst ``resample_fraction`` of a prompt's particles are
     replaced by copies drawn ∝ exp(v̂/α) among that prompt's particles.
 
@@ -28,19 +28,18 @@ exp(v̂_{t-1}/α)/exp(v̂_t/α), resampling every step within the image's partic
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
 
-from diffrl.errors import InputFileError
 from diffrl.policies.ddim import predicted_x0
-from diffrl.rollout import Transition, decode_latents, sample_trajectories
+from diffrl.rollout import Transition, decode_latents
+from diffrl.types import SamplerSettings
+
+GUIDED = SamplerSettings(guidance_scale=7.5)
+"""The guided samplers' default settings (the SVDD paper's SD 1.5 guidance)."""
 
 ValueFn = Callable[..., torch.Tensor]
 """``value(pipe, latents [N, C, h, w], timestep, noise_pred [N, C, h, w], prompts [N], prompt_embeds [N, L, D]) -> [N]``."""
@@ -71,122 +70,6 @@ def posterior_mean_value(reward_fn) -> ValueFn:
         return reward_fn(images, list(prompts), [{} for _ in prompts]).to(latents.device)
 
     return value
-
-
-class ValueNet(nn.Module):
-    """v(x_t, t, prompt) for SVDD-MC: a small conv net on the latents plus a timestep channel,
-    with the mean-pooled prompt embedding added to its features; ``[B, C, h, w]`` -> ``[B]``.
-    The head predicts the standardized reward; ``shift``/``scale`` (the training targets' mean and
-    std) map it back to reward units."""
-
-    def __init__(
-        self,
-        latent_channels: int = 4,
-        text_dim: int = 768,
-        width: int = 64,
-        shift: float = 0.0,
-        scale: float = 1.0,
-    ):
-        super().__init__()
-        self.config = {
-            "latent_channels": latent_channels,
-            "text_dim": text_dim,
-            "width": width,
-            "shift": shift,
-            "scale": scale,
-        }
-        self.features = nn.Sequential(
-            nn.Conv2d(latent_channels + 1, width, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1),
-            nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.text = nn.Linear(text_dim, width)
-        self.head = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
-
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """latents ``[B, C, h, w]``, timesteps ``[B]`` (0..1000), text ``[B, D]`` -> values ``[B]``."""
-        b, _, h, w = latents.shape
-        t = (timesteps.float() / 1000).view(-1, 1, 1, 1).expand(b, 1, h, w)
-        features = self.features(torch.cat([latents.float(), t.to(latents.device)], dim=1))
-        standardized = self.head(features + self.text(text.float())).squeeze(-1)
-        return standardized * self.config["scale"] + self.config["shift"]
-
-
-def save_value_net(net: ValueNet, path: str | Path) -> None:
-    """Weights as safetensors, the architecture in its metadata."""
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(path), metadata={"diffrl_value_net": json.dumps(net.config)})
-
-
-def load_value_net(path: str | Path) -> ValueNet:
-    """A :class:`ValueNet` saved by :func:`save_value_net` (safetensors only)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not Path(path).is_file():
-        raise InputFileError(f"{path}: no such value-net file (make one with diffrl train-value)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("diffrl_value_net")
-    except SafetensorError as err:
-        raise InputFileError(f"{path}: not a safetensors file ({err})") from err
-    if meta is None:
-        raise InputFileError(f"{path}: not a diffrl value net (no diffrl_value_net metadata)")
-    net = ValueNet(**json.loads(meta))
-    net.load_state_dict(load_file(str(path)))
-    return net.eval()
-
-
-def value_net_value(net: ValueNet) -> ValueFn:
-    """SVDD-MC: the learned value of each state."""
-
-    def value(pipe, latents, timestep, noise_pred, prompts, prompt_embeds):
-        t = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
-        return net(latents, t, prompt_embeds.float().mean(dim=1)).float()
-
-    return value
-
-
-@torch.no_grad()
-def value_targets(pipe, prompts: list[str], reward_fn, *, num_steps: int, guidance_scale: float, generator):
-    """Rollouts of the pretrained model as regression data: every intermediate state x_{t_j}
-    (j = 1..T-1) labelled with its chain's final reward. Returns (latents ``[N(T-1), C, h, w]``,
-    timesteps ``[N(T-1)]``, pooled text ``[N(T-1), D]``, rewards ``[N(T-1)]``)."""
-    traj = sample_trajectories(
-        pipe, prompts, num_steps=num_steps, guidance_scale=guidance_scale, eta=1.0, generator=generator
-    )
-    r = reward_fn(traj.images, prompts, [{} for _ in prompts]).float()
-    n, steps = len(prompts), num_steps - 1
-    latents = traj.latents[:, 1:num_steps].reshape(n * steps, *traj.latents.shape[2:])
-    timesteps = traj.timesteps[1:].repeat(n)
-    text = traj.prompt_embeds.float().mean(dim=1).repeat_interleave(steps, dim=0)
-    return latents, timesteps, text, r.repeat_interleave(steps)
-
-
-def train_value_net(
-    data, *, epochs: int = 200, lr: float = 1e-3, batch_size: int = 256, seed: int = 0
-) -> ValueNet:
-    """Fit a :class:`ValueNet` by least squares on :func:`value_targets` data (SVDD Eq. 6, α → 0)."""
-    latents, timesteps, text, rewards = data
-    torch.manual_seed(seed)
-    std = rewards.std().item()
-    net = ValueNet(
-        latents.shape[1], text.shape[1], shift=rewards.mean().item(), scale=std if std > 0 else 1.0
-    )
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(rewards), generator=generator).split(batch_size):
-            error = (net(latents[idx], timesteps[idx], text[idx]) - rewards[idx]) / net.config["scale"]
-            loss = error.pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return net.eval()
 
 
 # ---------------------------------------------------------------------------- selection
@@ -230,20 +113,15 @@ def svdd(
     pipe,
     prompts: list[str],
     value: ValueFn,
+    settings: SamplerSettings = GUIDED,
     *,
     num_candidates: int = 20,
     alpha: float = 0.0,
-    num_steps: int = 50,
-    guidance_scale: float = 7.5,
-    eta: float = 1.0,
     generator: torch.Generator | None = None,
     resample_fraction: float = 0.0,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str = "",
 ) -> GuidedSamples:
     """SVDD (Alg. 1): one image per prompt, M = ``num_candidates`` candidates per step chosen by
-    ``value`` (:func:`posterior_mean_value` or :func:`value_net_value`; unused, and may be None,
+    ``value`` (:func:`posterior_mean_value` or :func:`diffrl.guidance.value.value_net_value`; unused, and may be None,
     when M = 1). The transition is the pipeline's: DDIM for SD, the consistency step for an LCM.
 
     With M = 1 this is plain sampling, draw for draw. Costs P + P·M·(T−1) UNet evaluations.
@@ -254,12 +132,10 @@ def svdd(
         raise ValueError(
             f"need num_candidates >= 1, alpha >= 0, resample_fraction in [0, 1); got {m}, {alpha}, {resample_fraction}"
         )
-    transition = Transition(pipe, guidance_scale, eta)
-    if m > 1 and eta <= 0 and not transition.is_lcm:
+    transition = Transition(pipe, settings.guidance_scale, settings.eta)
+    if m > 1 and settings.eta <= 0 and not transition.is_lcm:
         raise ValueError("SVDD needs eta > 0: with a deterministic step all candidates are the same")
-    embeds, negative, x, timesteps, eps = transition.start(
-        prompts, num_steps, generator, height, width, negative_prompt
-    )
+    embeds, negative, x, timesteps, eps = transition.start(prompts, settings, generator)
     p, calls = len(prompts), len(prompts)
     embeds_m, negative_m, prompts_m = (
         _repeat(embeds, m),
@@ -293,16 +169,11 @@ def smc(
     pipe,
     prompts: list[str],
     value: ValueFn,
+    settings: SamplerSettings = GUIDED,
     *,
     num_particles: int = 20,
     alpha: float = 0.1,
-    num_steps: int = 50,
-    guidance_scale: float = 7.5,
-    eta: float = 1.0,
     generator: torch.Generator | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str = "",
 ) -> GuidedSamples:
     """Sequential Monte Carlo with the pretrained model as proposal (the SVDD paper's SMC
     baseline): N particles per prompt, incremental weights exp((v̂_{t-1} − v̂_t)/α), multinomial
@@ -314,10 +185,8 @@ def smc(
             f"SMC needs alpha > 0 (weights exp(v/alpha)) and num_particles >= 1; got {alpha}, {n}"
         )
     prompts_n = [q for q in prompts for _ in range(n)]
-    transition = Transition(pipe, guidance_scale, eta)
-    embeds, negative, x, timesteps, eps = transition.start(
-        prompts_n, num_steps, generator, height, width, negative_prompt
-    )
+    transition = Transition(pipe, settings.guidance_scale, settings.eta)
+    embeds, negative, x, timesteps, eps = transition.start(prompts_n, settings, generator)
     p, calls = len(prompts), len(prompts_n)
     previous = torch.zeros(p * n, device=x.device)
     offsets = (torch.arange(p) * n).view(-1, 1)
@@ -345,32 +214,15 @@ def best_of_n(
     pipe,
     prompts: list[str],
     reward_fn,
+    settings: SamplerSettings = GUIDED,
     *,
     n: int = 20,
-    num_steps: int = 50,
-    guidance_scale: float = 7.5,
-    eta: float = 1.0,
     generator: torch.Generator | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str = "",
 ) -> GuidedSamples:
     """N independent chains per prompt, keep the one whose final image scores highest. Costs
     P·N·T UNet evaluations (SVDD-PM with M = N costs about the same)."""
     prompts_n = [q for q in prompts for _ in range(n)]
-    chains = svdd(
-        pipe,
-        prompts_n,
-        None,
-        num_candidates=1,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        eta=eta,
-        generator=generator,
-        height=height,
-        width=width,
-        negative_prompt=negative_prompt,
-    )
+    chains = svdd(pipe, prompts_n, None, settings, num_candidates=1, generator=generator)
     scores = reward_fn(chains.images, prompts_n, [{} for _ in prompts_n]).view(len(prompts), n)
     pick = torch.arange(len(prompts)) * n + scores.argmax(dim=1).cpu()
     return GuidedSamples(

@@ -1,0 +1,293 @@
+"""A run: its folder (config.yaml, metrics.jsonl, sample grids, report, checkpoints, exported
+weights), resuming, the random streams, stop signals, and the per-epoch outputs, which a worker
+thread writes while the next epoch samples.
+
+    RUN_DIR/config.yaml  metrics.jsonl  reward_curve.png  report.html  samples/*.png
+            checkpoints/epoch_EEEE/   lora/ (diffusers format) or unet/ (full fine-tuning)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffrl.checkpoints import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from diffrl.collect import sample_batch, score_images
+from diffrl.config import dump_yaml, to_dict
+from diffrl.errors import RunStopped
+from diffrl.files import (
+    append_jsonl,
+    atomic_write_bytes,
+    image_grid,
+    line_chart,
+    read_jsonl,
+    save_png,
+    truncate_metrics,
+)
+from diffrl.report import write_report
+
+
+@dataclass
+class Streams:
+    """This process's random streams; their states go into every checkpoint."""
+
+    prompts: torch.Generator
+    sampling: torch.Generator
+    shuffle: torch.Generator
+
+    @classmethod
+    def seeded(cls, seed: int, rank: int) -> Streams:
+        return cls(*(torch.Generator().manual_seed(seed + 100_003 * rank + 7_919 * s) for s in range(3)))
+
+    def state(self) -> dict:
+        return {name: getattr(self, name).get_state() for name in ("prompts", "sampling", "shuffle")}
+
+    def load(self, state: dict) -> None:
+        for name, value in state.items():
+            getattr(self, name).set_state(value)
+
+
+class StopSignals:
+    """Within ``with``: the first SIGINT/SIGTERM asks the run to stop at the end of the current
+    epoch with a checkpoint; a second one acts at once as it would have (the newest complete
+    checkpoint is kept either way). Handlers are installed only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> StopSignals:
+        self.received, self.previous = 0, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        print(
+            f"diffrl: {signal.Signals(signum).name} received; stopping after this epoch with a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def requested(self, accelerator) -> int:
+        """The signal any process received (0: none); every process gets the same answer."""
+        received = torch.tensor([self.received], device=accelerator.device)
+        return (
+            int(accelerator.gather(received).max().item()) if accelerator.num_processes > 1 else self.received
+        )
+
+
+def set_deterministic(enabled: bool) -> bool:
+    """``torch.use_deterministic_algorithms(enabled)`` (with the cuBLAS workspace it needs on CUDA);
+    returns the previous setting."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    return previous
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace folder ``final`` by the complete folder ``tmp`` (``final.old`` holds the previous
+    one for the moment between the two renames; a crash there leaves both findable)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_weights(pipe, use_lora: bool, run_dir: Path) -> None:
+    """Write the trained weights for use outside diffrl, replacing the previous export only once
+    the new one is complete: ``run_dir/lora`` in diffusers format
+    (``pipe.load_lora_weights(run_dir / "lora")``), or ``run_dir/unet`` after full fine-tuning."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet, name = pipe.unet, "lora" if use_lora else "unet"
+    tmp = run_dir / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if use_lora:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers={k: v.float() for k, v in layers.items()},
+            safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        )
+    else:
+        unet.save_pretrained(tmp)
+    _swap_in(tmp, run_dir / name)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested config -> ``{"section.key": scalar}`` for trackers."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+class Run:
+    """One run's folder and lifecycle around a :class:`~diffrl.learner.Learner`.
+
+    Opening creates the folder (or, resuming, restores weights, optimizer, random streams and the
+    algorithm's ``state`` from the newest checkpoint, and drops metrics of later epochs so none are
+    duplicated); ``start_epoch`` is the first epoch to run. Every process makes one; only the main
+    process writes files. Per-epoch outputs go to a worker thread (:meth:`log_epoch`); checkpoints
+    and the end of the run wait for it."""
+
+    def __init__(self, config, learner, state, streams: Streams, reward_fn, grid_prompts: list[str]):
+        self.config, self.learner, self.state, self.streams = config, learner, state, streams
+        self.reward_fn, self.grid_prompts = reward_fn, grid_prompts
+        self.accelerator = accelerator = learner.accelerator
+        self.main = accelerator.is_main_process
+        self.dir, self.start_epoch = Path(config.run.output_dir) / config.run.name, 0
+        self.outputs = ThreadPoolExecutor(max_workers=1)
+        self.pending = []
+        if config.run.resume_from:
+            self.dir, checkpoint = resolve_resume(config.run.resume_from)
+            if checkpoint is not None:
+                saved, rng = load_checkpoint(
+                    checkpoint, learner.pipe.unet, learner.optimizer, accelerator.process_index
+                )
+                streams.load(rng)
+                if hasattr(state, "load_state_dict") and saved.get("tracker"):
+                    state.load_state_dict(saved["tracker"])
+                learner.merge_sampling = saved.get("merge_sampling", learner.merge_sampling)
+                self.start_epoch = saved["epoch"] + 1
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.dir / "config.yaml", dump_yaml(config).encode())
+            if config.run.resume_from:
+                truncate_metrics(self.dir / "metrics.jsonl", self.start_epoch - 1)
+        if config.run.log_with != "none":
+            accelerator.init_trackers(config.run.name, config=_flat(to_dict(config)))
+        accelerator.wait_for_everyone()
+        if self.main and self.start_epoch == 0:
+            self.grid("before.png")
+        if self.main and self.start_epoch >= config.run.num_epochs:
+            export_weights(learner.pipe, config.model.use_lora, self.dir)  # killed after its last checkpoint
+
+    @property
+    def epochs(self) -> range:
+        return range(self.start_epoch, self.config.run.num_epochs)
+
+    def grid(self, name: str) -> None:
+        """``samples/NAME``: the first 16 grid prompts sampled from a fixed seed, with rewards
+        (before.png, middle.png, after.png; ``report.html`` shows them side by side)."""
+        prompts = [self.grid_prompts[i % len(self.grid_prompts)] for i in range(16)]
+        pipe = self.learner.pipe
+        traj = sample_batch(pipe, self.config, prompts, torch.Generator().manual_seed(self.config.run.seed))
+        values = score_images(self.reward_fn, traj, self.config, f"sample grid {name}")
+        captions = [f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values.tolist())]
+        self._later(save_png, image_grid(traj.images, captions), self.dir / "samples" / name)
+
+    def _later(self, fn, *args) -> None:
+        self.pending = [f for f in self.pending if not f.done()] + [self.outputs.submit(fn, *args)]
+
+    def flush(self) -> None:
+        """Wait for the outputs in flight (raising what they raised)."""
+        for future in self.pending:
+            future.result()
+        self.pending = []
+
+    def log_epoch(
+        self, epoch: int, record: dict, traj=None, rewards=None, curve: str = "reward_mean"
+    ) -> None:
+        """The epoch's record to the trackers and ``metrics.jsonl`` (at once, append-only); its
+        sample grid (first 16 of ``traj`` with ``rewards``), the ``curve`` chart and the report
+        written by the worker thread; ``samples/middle.png`` after the middle epoch."""
+        self.accelerator.log(record, step=epoch)
+        if not self.main:
+            return
+        append_jsonl(self.dir / "metrics.jsonl", record)
+        if traj is not None:
+            count = min(16, len(traj))
+            captions = [
+                f"{p}\nreward {r:.3f}" for p, r in zip(traj.prompts[:count], rewards[:count].tolist())
+            ]
+            grid_images = traj.images[:count].clone()
+            self._later(
+                lambda: save_png(
+                    image_grid(grid_images, captions), self.dir / "samples" / f"epoch_{epoch:04d}.png"
+                )
+            )
+        self._later(self._charts, curve)
+        if epoch == self.config.run.num_epochs // 2:
+            self.grid("middle.png")
+
+    def _charts(self, curve: str) -> None:
+        values = [r[curve] for r in read_jsonl(self.dir / "metrics.jsonl")]
+        save_png(
+            line_chart(values, curve.replace("_", " ") + " per epoch"),
+            self.dir / f"{curve.split('_')[0]}_curve.png",
+        )
+        write_report(self.dir)
+
+    def end_epoch(self, epoch: int, stop: StopSignals, checkpoint: bool = False) -> None:
+        """Checkpoint when ``run.save_freq`` says so, after the last epoch, when asked
+        (``checkpoint``) or when a stop signal came; after a signal, end the run with
+        :class:`RunStopped` once that checkpoint is complete."""
+        signum = stop.requested(self.accelerator)
+        last = epoch == self.config.run.num_epochs - 1
+        if signum or checkpoint or last or (epoch + 1) % self.config.run.save_freq == 0:
+            self.save(epoch)
+        self.accelerator.wait_for_everyone()
+        if signum:
+            self.flush()
+            self.accelerator.end_training()
+            raise RunStopped(signum, self.dir, epoch)
+
+    def save(self, epoch: int) -> None:
+        """Checkpoint after ``epoch`` (every process takes part), prune old ones, export the weights."""
+        learner, accelerator = self.learner, self.accelerator
+        self.flush()
+        tracker = self.state.state_dict() if hasattr(self.state, "state_dict") else None
+        save_checkpoint(
+            self.dir,
+            epoch,
+            learner.pipe.unet,
+            learner.optimizer,
+            self.streams.state(),
+            {"tracker": tracker, "merge_sampling": learner.merge_sampling},
+            accelerator.process_index,
+            self.main,
+            accelerator.wait_for_everyone,
+        )
+        if self.main:
+            prune_checkpoints(self.dir, self.config.run.keep_last)
+            export_weights(learner.pipe, self.config.model.use_lora, self.dir)
+
+    def finish(self):
+        """After the last epoch: ``samples/after.png``, the report, the trackers closed; returns
+        the pipeline holding the trained weights."""
+        if self.main:
+            self.grid("after.png")
+            self.flush()
+            write_report(self.dir)
+        self.outputs.shutdown()
+        self.accelerator.end_training()
+        return self.learner.pipe
