@@ -10,7 +10,7 @@ import yaml
 
 from diffrl import algorithms
 from diffrl.cli import main
-from diffrl.config import ConfigError, load_config
+from diffrl.config import ConfigError, load_config, to_dict
 from diffrl.files import read_jsonl
 from diffrl.learner import auto_timesteps_per_pass
 
@@ -74,7 +74,8 @@ def test_an_algorithm_from_one_file_outside_the_package_trains_the_tiny_model(tm
     """REINFORCE (tests/plugins/reinforce.py) registered by name, one epoch on the shipped tiny model:
     its loss is the one its module computes, and the adapters moved."""
     monkeypatch.syspath_prepend(str(PLUGINS))
-    monkeypatch.setitem(algorithms.REGISTRY, "reinforce", "reinforce")
+    monkeypatch.setattr(algorithms, "REGISTRY", dict(algorithms.REGISTRY))  # registered for this test only
+    algorithms.register("reinforce", "reinforce")
     assert algorithms.get("reinforce").loss.__module__ == "reinforce"
     from diffrl.trainer import train
 
@@ -98,7 +99,7 @@ def test_print_config_marks_where_each_value_came_from(path, capsys):
     assert main(["train", str(path), "run.num_epochs=7", "--print-config"]) == 0
     out = capsys.readouterr().out
     config = load_config(path, ["run.num_epochs=7"])
-    assert yaml.safe_load(out) == yaml.safe_load(yaml.safe_dump(__import__("dataclasses").asdict(config)))
+    assert yaml.safe_load(out) == yaml.safe_load(yaml.safe_dump(to_dict(config)))
     marks = dict(re.findall(r"^\s*(\w+): .*#\s(file|override|algorithm defaults|default)$", out, flags=re.M))
     assert marks["num_epochs"] == "override"
     file_keys = yaml.safe_load(path.read_text())
