@@ -184,7 +184,8 @@ def get(name: str) -> Algorithm:
 
 def trained_on(model: str) -> list[str]:
     """The registered online algorithms that train the ``model`` sampler family (``ddim``, ``lcm``)."""
-    return [name for name in REGISTRY if not get(name).offline and get(name).model == model]
+    algorithms = [get(name) for name in REGISTRY]
+    return [a.name for a in algorithms if not a.offline and a.model == model]
 
 
 def register(name: str, module_path: str) -> None:
@@ -210,6 +211,11 @@ class Gathered:
     def finite(self) -> torch.Tensor:
         """``[P·N]`` bool, samples whose reward was not dropped."""
         return torch.isfinite(self.rewards)
+
+    @property
+    def kept_prompts(self) -> list[str]:
+        """The prompts of the samples whose reward was not dropped, in order."""
+        return [p for p, keep in zip(self.prompts, self.finite.tolist()) if keep]
 
     def local(self, values: torch.Tensor) -> torch.Tensor:
         """This process's slice of a gathered ``[P·N, ...]`` tensor."""

@@ -192,9 +192,13 @@ def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
     gathered, config = gather(ctx, rollouts, epoch), ctx.config
     finite = gathered.finite
     advantages, trained = torch.zeros_like(gathered.rewards), finite.clone()
-    kept = [p for p, keep in zip(gathered.prompts, finite.tolist()) if keep]
     advantages[finite], trained[finite] = compute_advantages(
-        kept, gathered.rewards[finite], gathered.groups[finite], ctx.state, epoch, config.b2diffurl
+        gathered.kept_prompts,
+        gathered.rewards[finite],
+        gathered.groups[finite],
+        ctx.state,
+        epoch,
+        config.b2diffurl,
     )
     return per_sample(advantages, trained, gathered, plan(config, epoch).branch_step)
 

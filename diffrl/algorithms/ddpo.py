@@ -116,8 +116,7 @@ def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
     gathered = gather(ctx, rollouts, epoch)
     finite = gathered.finite
     advantages = torch.zeros_like(gathered.rewards)
-    kept = [p for p, keep in zip(gathered.prompts, finite.tolist()) if keep]
-    advantages[finite] = compute_advantages(kept, gathered.rewards[finite], ctx.state)
+    advantages[finite] = compute_advantages(gathered.kept_prompts, gathered.rewards[finite], ctx.state)
     return per_sample(advantages, finite, gathered)
 
 

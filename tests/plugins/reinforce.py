@@ -33,9 +33,7 @@ def prepare(ctx, rollouts, epoch):
     gathered = gather(ctx, rollouts, epoch)
     keep = gathered.finite
     advantages = torch.zeros_like(gathered.rewards)
-    advantages[keep] = baselined(
-        [p for p, k in zip(gathered.prompts, keep.tolist()) if k], gathered.rewards[keep]
-    )
+    advantages[keep] = baselined(gathered.kept_prompts, gathered.rewards[keep])
     return per_sample(advantages, keep, gathered)
 
 
