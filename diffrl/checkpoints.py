@@ -1,24 +1,33 @@
-"""Run folders and checkpoints: atomic, resumable, pruned.
+"""Checkpoints: atomic, verified, resumable, pruned.
 
 A checkpoint is the folder ``<run>/checkpoints/epoch_XXXX`` holding the trainable weights
 (``trainable.safetensors``), the optimizer state (``optimizer.pt``, read back with
-``weights_only=True``), each process's RNG streams (``rng_rank{r}.pt``) and ``state.json`` (the
-epoch it completed, the stat tracker). It is written under a ``.tmp`` name and renamed only when
-complete, so a crash never leaves a partial checkpoint that resume would pick up.
+``weights_only=True``), each process's RNG streams (``rng_rank{r}.pt``), ``state.json`` (the
+epoch it completed, the algorithm's state) and, written last, ``manifest.json``: the size and
+SHA-256 of every other file. It is written under a ``.tmp`` name and renamed only when complete,
+so a crash never leaves a partial checkpoint that resume would pick up; a checkpoint damaged
+afterwards (a truncated copy, a flipped bit, a deleted file) fails its manifest, and resuming a
+run takes the newest checkpoint that verifies, saying which it skipped and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffrl.errors import InputFileError
+
 _NAME = re.compile(r"^epoch_(\d{4,})$")
+MANIFEST = "manifest.json"
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
@@ -27,26 +36,115 @@ def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``.tmp`` folders are ignored)."""
+    """Finished checkpoints of a run (a manifest, or a ``state.json`` from before manifests),
+    oldest first; ``.tmp`` folders are ignored. Cheap: nothing is hashed (see :func:`verify`)."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / "state.json").is_file()]
+    found = [
+        p
+        for p in folder.iterdir()
+        if _NAME.match(p.name) and ((p / MANIFEST).is_file() or (p / "state.json").is_file())
+    ]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def resolve_resume(path: str | Path) -> tuple[Path, Path | None]:
-    """``(run_dir, checkpoint)`` for a checkpoint folder or a run folder (its latest checkpoint).
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """``folder/manifest.json``: size and SHA-256 of every file in ``folder`` (written last)."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` is not complete (a file missing, of the wrong size or hash; an
+    unreadable manifest), or None when every file its manifest lists verifies. A checkpoint from
+    before manifests (``state.json``, no manifest) passes; its files are checked as they load."""
+    manifest = checkpoint / MANIFEST
+    if not manifest.is_file():
+        return None if (checkpoint / "state.json").is_file() else f"{MANIFEST} is missing"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        listed = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
+    for name in ("state.json", "trainable.safetensors", "optimizer.pt"):
+        if name not in listed:
+            return f"{MANIFEST} does not list {name}"
+    for name, (size, digest) in listed.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, its manifest says {size}"
+        if _sha256(path) != digest:
+            return f"{name} does not match its manifest's SHA-256 (damaged)"
+    return None
+
+
+_VERIFIED: dict = {}
+
+
+def newest_complete(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of ``run_dir`` that verifies, and the newer ones skipped with why.
+    Memoised on every checkpoint file's name, size and time, so the checks before and at resume
+    hash each file once."""
+    checkpoints = list_checkpoints(run_dir)
+    key = tuple(
+        (str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+        for p in checkpoints
+        for f in sorted(p.iterdir())
+    )
+    if key not in _VERIFIED:
+        skipped, found = [], None
+        for checkpoint in reversed(checkpoints):
+            problem = verify(checkpoint)
+            if problem is None:
+                found = checkpoint
+                break
+            skipped.append((checkpoint, problem))
+        _VERIFIED[key] = found, skipped
+    return _VERIFIED[key]
+
+
+def resolve_resume(path: str | Path, report: bool = False) -> tuple[Path, Path | None]:
+    """``(run_dir, checkpoint)`` for a checkpoint folder or a run folder (its newest complete
+    checkpoint; with ``report``, each newer damaged one skipped is named on stderr).
 
     A run folder that was stopped before its first checkpoint (it has ``config.yaml`` but no
-    complete checkpoint) gives ``checkpoint=None``: the run starts again from epoch 0.
+    checkpoint) gives ``checkpoint=None``: the run starts again from epoch 0. Raises
+    :class:`InputFileError` naming the file when the named checkpoint, or every checkpoint of the
+    run, is damaged.
     """
     path = Path(path).expanduser()
-    if (path / "state.json").is_file():
+    if _NAME.match(path.name) and path.parent.name == "checkpoints" and path.is_dir():
+        problem = verify(path)
+        if problem:
+            raise InputFileError(f"resume_from {path}: not a complete checkpoint: {problem}")
         return path.parent.parent, path
-    checkpoints = list_checkpoints(path)
-    if checkpoints:
-        return path, checkpoints[-1]
+    checkpoint, skipped = newest_complete(path)
+    if report:
+        for bad, problem in skipped:
+            print(f"diffrl: resume: skipping {bad}: {problem}", file=sys.stderr, flush=True)
+    if checkpoint is not None:
+        return path, checkpoint
+    if skipped:
+        reasons = "; ".join(f"{bad.name}: {problem}" for bad, problem in skipped)
+        raise InputFileError(f"resume_from {path}: no checkpoint verifies ({reasons})")
     if (path / "config.yaml").is_file():
         return path, None
     raise FileNotFoundError(
@@ -88,6 +186,7 @@ def save_checkpoint(
     barrier()
     if not is_main:
         return None
+    write_manifest(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -99,20 +198,37 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _read(path: Path, kind: str, read):
+    """``read(path)``, a damaged or missing file raising :class:`InputFileError` naming it."""
+    try:
+        return read(path)
+    except (OSError, SafetensorError, RuntimeError, ValueError, EOFError, KeyError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputFileError(f"{path}: cannot be read as {kind} ({message})") from err
+
+
 def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer, rank: int) -> tuple[dict, dict]:
     """Restore weights and optimizer in place; returns ``(state, rng)`` for this process."""
-    weights = load_file(str(checkpoint / "trainable.safetensors"))
+    weights = _read(checkpoint / "trainable.safetensors", "safetensors weights", lambda p: load_file(str(p)))
     missing = set(trainable_state(model)) - set(weights)
     if missing:
-        raise ValueError(
+        raise InputFileError(
             f"checkpoint {checkpoint} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}"
         )
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    state = _read(checkpoint / "state.json", "JSON", lambda p: json.loads(p.read_text(encoding="utf-8")))
+    optimizer_state = _read(
+        checkpoint / "optimizer.pt", "an optimizer state", lambda p: torch.load(p, weights_only=True)
+    )
     rng_file = checkpoint / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(
             f"{rng_file}: resuming needs the same number of processes as the checkpointed run"
         )
-    rng = torch.load(rng_file, weights_only=True)
-    return json.loads((checkpoint / "state.json").read_text()), rng
+    rng = _read(rng_file, "random-stream states", lambda p: torch.load(p, weights_only=True))
+    model.load_state_dict(weights, strict=False)
+    _read(
+        checkpoint / "optimizer.pt",
+        "an optimizer state",
+        lambda p: optimizer.load_state_dict(optimizer_state),
+    )
+    return state, rng

@@ -4,35 +4,80 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import math
+import re
 import sys
 from pathlib import Path
 
 import torch
 
 from diffrl import rewards
+from diffrl.config import MAX_SEED
 from diffrl.errors import ConfigError
-from diffrl.files import image_grid, save_png
+from diffrl.files import atomic_write_bytes, image_grid, save_png
 from diffrl.types import SamplerSettings
 
 GUIDANCE = ("none", "svdd-pm", "svdd-mc", "best-of-n", "smc")
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+"""A ``section.key=value`` override (anything else among ``diffrl train``'s arguments is the CONFIG)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``diffrl sample: error: argument --M: ...``), status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, *, high_open: bool = False):
+    """An argparse ``type``: ``kind`` (int or float) parsed from the text, finite and in
+    ``[low, high]`` (``[low, high)`` with ``high_open``), else a one-line error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        inside = math.isfinite(value) and (low is None or value >= low)
+        inside = inside and (high is None or (value < high if high_open else value <= high))
+        if not inside:
+            lo = "-inf" if low is None else low
+            hi = "inf)" if high is None else f"{high})" if high_open else f"{high}]"
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT, STEPS = number(int, 1), number(int, 1, 1000)
+SEED, GUIDANCE_SCALE, ETA = (
+    number(int, 0, MAX_SEED, high_open=True),
+    number(float, 0, 100),
+    number(float, 0, 1),
+)
 
 
 def _sample(args: argparse.Namespace) -> int:
     """``diffrl sample``: plain or reward-guided sampling; writes images, a grid and reward tables."""
     import csv
-    import json
     import time
 
-    from diffrl.evaluation import load_for_eval
-    from diffrl.files import atomic_write_bytes
+    from diffrl.evaluation import check_model, load_for_eval
     from diffrl.guidance import svdd
     from diffrl.guidance.value import load_value_net, value_net_value
     from diffrl.prompts import load_prompts
+    from diffrl.runfolder import writable_folder
 
     if args.guidance in ("svdd-pm", "best-of-n", "smc") and not args.reward:
         raise ConfigError(f"--guidance {args.guidance} needs --reward")
     if args.guidance == "svdd-mc" and not args.value_net:
         raise ConfigError("--guidance svdd-mc needs --value-net FILE (made by diffrl train-value)")
+    writable_folder(args.out, "--out")
+    check_model(args.model)
     prompts = load_prompts(args.prompt if args.prompt else args.prompts).prompts
     prompts = [prompts[i % len(prompts)] for i in range(args.num_images or len(prompts))]
     reward_fn = rewards.get(args.reward) if args.reward else None
@@ -106,10 +151,13 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _train_value(args: argparse.Namespace) -> int:
     """``diffrl train-value``: fit SVDD-MC's value network on rollouts of a pipeline."""
-    from diffrl.evaluation import load_for_eval
+    from diffrl.evaluation import check_model, load_for_eval
     from diffrl.guidance import value
     from diffrl.prompts import load_prompts
+    from diffrl.runfolder import writable_file
 
+    writable_file(args.out, "--out")
+    check_model(args.model)
     source = load_prompts(args.prompts)
     reward_fn = rewards.get(args.reward)
     pipe, _ = load_for_eval(args.model)
@@ -152,8 +200,12 @@ Any key can be overridden after the file as section.key=value, the value parsed 
 
 Unknown keys, wrong types and out-of-range values are reported before any model loads.
 The run folder (run.output_dir/run.name) receives config.yaml, metrics.jsonl, samples/,
-reward_curve.png, report.html (diffrl report RUN_DIR rewrites it), checkpoints/ and lora/. --resume RUN_DIR_OR_CHECKPOINT continues a run at the
-epoch after its newest complete checkpoint (with the run's own config.yaml when CONFIG is omitted).
+reward_curve.png, report.html (diffrl report RUN_DIR rewrites it), checkpoints/ and lora/.
+A folder that already holds a run is refused unless --resume, --new-name (a free NAME-2, ...)
+or run.overwrite=true (deletes it). --resume RUN_DIR_OR_CHECKPOINT continues a run at the
+epoch after its newest checkpoint that verifies (with the run's own config.yaml when CONFIG is
+omitted); it may change only epochs, checkpointing, learning rate, trackers, reward timeouts and
+speed levers (recorded in RUN_DIR/resumes.jsonl), never the model, algorithm or shapes.
 Ctrl-C or SIGTERM finishes the current epoch, saves a checkpoint and exits (a second one stops at
 once). Errors and faults: docs/errors.md.
 Multi-process: accelerate launch scripts/train.py CONFIG [key=value ...]
@@ -161,7 +213,7 @@ Multi-process: accelerate launch scripts/train.py CONFIG [key=value ...]
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = resolve_train_config(args.config, args.overrides, args.resume)
+    config = resolve_train_config(args.config, args.overrides, args.resume, new_name=args.new_name)
     if args.print_config:
         from diffrl.config import annotated
 
@@ -173,31 +225,51 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_train_config(config_path: str | None, overrides: list[str], resume: str | None):
+def resolve_train_config(
+    config_path: str | None, overrides: list[str], resume: str | None, *, new_name: bool = False
+):
     """The config of ``diffrl train``: the file (or, resuming without one, the run's own
-    config.yaml), the overrides, and ``run.resume_from`` when resuming."""
+    config.yaml with the changes its earlier resumes recorded), the overrides, and
+    ``run.resume_from`` when resuming; with ``new_name``, ``run.name`` becomes the first free
+    ``NAME-k``."""
     from diffrl.checkpoints import resolve_resume
     from diffrl.config import load_config
+    from diffrl.runfolder import free_name, recorded_overrides
 
-    overrides = list(overrides)
-    if config_path is not None and "=" in config_path:  # only overrides were given
-        overrides.insert(0, config_path)
-        config_path = None
+    items = ([config_path] if config_path is not None else []) + list(overrides)
+    files = [item for item in items if not OVERRIDE.match(item)]
+    if len(files) > 1:
+        raise ConfigError(
+            f"diffrl train takes one CONFIG file, got {', '.join(files)} (overrides look like section.key=value)"
+        )
+    config_path = files[0] if files else None
+    overrides = [item for item in items if OVERRIDE.match(item)]
     if resume is not None:
+        if new_name:
+            raise ConfigError("--new-name starts a new run; it cannot be combined with --resume")
         run_dir, _ = resolve_resume(resume)
-        config_path = config_path or str(run_dir / "config.yaml")
-        overrides.append(f"run.resume_from={resume}")
+        if config_path is None:
+            config_path = str(run_dir / "config.yaml")
+            overrides = recorded_overrides(run_dir) + overrides
+        overrides.append(f"run.resume_from={json.dumps(str(resume))}")
     if config_path is None:
         raise ConfigError("diffrl train needs a CONFIG file (or --resume RUN_DIR)")
-    return load_config(config_path, overrides)
+    config = load_config(config_path, overrides)
+    if new_name:
+        name = free_name(config.run.output_dir, config.run.name)
+        config = load_config(config_path, [*overrides, f"run.name={json.dumps(name)}"])
+    return config
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
-    from diffrl.evaluation import evaluate, load_for_eval, markdown_table
+    from diffrl.evaluation import check_model, evaluate, load_for_eval, markdown_table
     from diffrl.prompts import load_prompts
+    from diffrl.runfolder import writable_file
 
+    if args.json:
+        writable_file(args.json, "--json")
+    for model in args.models:
+        check_model(model)
     source = load_prompts(args.prompts)
     reward_fn = rewards.get(args.reward)
     results = {}
@@ -209,7 +281,7 @@ def _eval(args: argparse.Namespace) -> int:
             source.prompts,
             reward_fn,
             num_images=args.num_images,
-            num_steps=args.num_steps or (sample.num_steps if sample else 20),
+            num_steps=args.num_steps if args.num_steps is not None else (sample.num_steps if sample else 20),
             guidance_scale=args.guidance_scale
             if args.guidance_scale is not None
             else (sample.guidance_scale if sample else 5.0),
@@ -218,18 +290,32 @@ def _eval(args: argparse.Namespace) -> int:
         )
     print(markdown_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_bytes(args.json, (json.dumps(results, indent=1) + "\n").encode())
     return 0
 
 
 def _label(args: argparse.Namespace) -> int:
-    from diffrl.labeling import label_state, make_server
+    from diffrl.labeling import is_loopback, label_state, make_server, page_url
 
-    server = make_server(args.run_dir, args.host, args.port)
-    host, port = server.server_address[:2]
+    try:
+        server = make_server(args.run_dir, args.host, args.port)
+    except OSError as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ConfigError(
+            f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err}); "
+            "pick another --port (0 picks a free one)"
+        ) from err
     state = label_state(server.run_dir)
+    if not is_loopback(args.host):
+        print(
+            f"diffrl label: WARNING: listening on {args.host}, which other machines can reach; anyone who "
+            "has the URL below (it holds the access token) can see the images and write labels",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
-        f"diffrl label: http://{host}:{port}/ ({state['labeled']} of {state['total']} groups labeled); "
+        f"diffrl label: {page_url(server)} ({state['labeled']} of {state['total']} groups labeled); "
         "Ctrl-C stops (every choice is already saved)",
         flush=True,
     )
@@ -253,7 +339,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="diffrl", description="RL fine-tuning and reward-guided sampling for diffusion models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,7 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", nargs="?", help="YAML config file")
-    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    train.add_argument(
+        "overrides", nargs="*", help="section.key=value overrides (before or after the options)"
+    )
+    train.add_argument(
+        "--new-name",
+        action="store_true",
+        help="if run.name's folder already holds a run, use the first free NAME-2, NAME-3, ... instead",
+    )
     train.add_argument(
         "--resume", metavar="PATH", help="run folder (its newest checkpoint) or checkpoint folder"
     )
@@ -280,11 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("models", nargs="+", metavar="PIPELINE_OR_RUN", help="model name/path or run folder")
     ev.add_argument("--prompts", required=True, help="prompt set name, text file, or toy_heldout_single etc.")
     ev.add_argument("--reward", required=True, help="reward name or package.module:function")
-    ev.add_argument("--num-images", type=int, default=64)
-    ev.add_argument("--num-steps", type=int, default=None, help="default: the run's, else 20")
-    ev.add_argument("--guidance-scale", type=float, default=None, help="default: the run's, else 5")
-    ev.add_argument("--eta", type=float, default=None, help="default: the run's, else 1")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--num-images", type=COUNT, default=64)
+    ev.add_argument("--num-steps", type=STEPS, default=None, help="default: the run's, else 20")
+    ev.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=None, help="default: the run's, else 5")
+    ev.add_argument("--eta", type=ETA, default=None, help="default: the run's, else 1")
+    ev.add_argument("--seed", type=SEED, default=0)
     ev.add_argument("--json", default=None, help="also write the results here")
     ev.set_defaults(func=_eval)
 
@@ -298,21 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--prompts", default="toy_heldout_single", help="prompt set name or text file")
     sample.add_argument("--prompt", action="append", help="a prompt (repeatable; replaces --prompts)")
-    sample.add_argument("--num-images", type=int, default=None, help="default: one per prompt")
+    sample.add_argument("--num-images", type=COUNT, default=None, help="default: one per prompt")
     sample.add_argument("--guidance", choices=GUIDANCE, default="none")
     sample.add_argument("--reward", default=None, help="reward name or package.module:function")
     sample.add_argument("--value-net", default=None, help="SVDD-MC value network (diffrl train-value)")
     sample.add_argument(
-        "--M", type=int, default=20, help="candidates (SVDD), particles (SMC) or N (best-of-N)"
+        "--M", type=COUNT, default=20, help="candidates (SVDD), particles (SMC) or N (best-of-N)"
     )
-    sample.add_argument("--alpha", type=float, default=0.0, help="temperature; 0 = argmax (SMC: default 0.1)")
     sample.add_argument(
-        "--resample-fraction", type=float, default=0.0, help="SVDD-R: worst fraction replaced"
+        "--alpha", type=number(float, 0), default=0.0, help="temperature; 0 = argmax (SMC: default 0.1)"
     )
-    sample.add_argument("--num-steps", type=int, default=50)
-    sample.add_argument("--guidance-scale", type=float, default=7.5)
-    sample.add_argument("--eta", type=float, default=1.0)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--resample-fraction",
+        type=number(float, 0, 1, high_open=True),
+        default=0.0,
+        help="SVDD-R: worst fraction replaced",
+    )
+    sample.add_argument("--num-steps", type=STEPS, default=50)
+    sample.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=7.5)
+    sample.add_argument("--eta", type=ETA, default=1.0)
+    sample.add_argument("--seed", type=SEED, default=0)
     sample.add_argument("--out", default="samples", help="output folder")
     sample.set_defaults(func=_sample)
 
@@ -323,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         "T = tie). Labels are appended to RUN_DIR/rollouts/epoch_*/rank_*/labels.jsonl as they are made.",
     )
     label.add_argument("run_dir", metavar="RUN_DIR")
-    label.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    label.add_argument("--port", type=number(int, 0, 65535), default=8765, help="0 picks a free port")
     label.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     label.set_defaults(func=_label)
 
@@ -337,12 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     value.add_argument("model", metavar="PIPELINE_OR_RUN")
     value.add_argument("--prompts", required=True)
     value.add_argument("--reward", required=True)
-    value.add_argument("--num-rollouts", type=int, default=512)
-    value.add_argument("--batch-size", type=int, default=32)
-    value.add_argument("--num-steps", type=int, default=50)
-    value.add_argument("--guidance-scale", type=float, default=7.5)
-    value.add_argument("--epochs", type=int, default=20)
-    value.add_argument("--seed", type=int, default=0)
+    value.add_argument("--num-rollouts", type=COUNT, default=512)
+    value.add_argument("--batch-size", type=COUNT, default=32)
+    value.add_argument("--num-steps", type=STEPS, default=50)
+    value.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=7.5)
+    value.add_argument("--epochs", type=COUNT, default=20)
+    value.add_argument("--seed", type=SEED, default=0)
     value.add_argument("--out", default="value.safetensors")
     value.set_defaults(func=_train_value)
     return parser
@@ -353,7 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     signal returns 128 + the signal number, a D3PO run waiting for human labels returns 3."""
     from diffrl.errors import AwaitingLabels, DiffrlError, RunStopped
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any(not OVERRIDE.match(item) for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         return args.func(args)
     except (DiffrlError, FileNotFoundError) as err:

@@ -4,17 +4,16 @@ batch (DDPO Alg. 1's sampling phase, with the reward overlapped), and the reward
 
 from __future__ import annotations
 
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from diffrl import rewards
 from diffrl.algorithms import Plan, Rollouts
+from diffrl.progress import progress
 from diffrl.rollout import concat_trajectories, sample_branches
 from diffrl.types import SamplerSettings, Trajectory
 
@@ -93,19 +92,20 @@ def lora_merged(unet, enabled: bool):
 
 
 def sample_epoch(
-    pipe, config, source, reward_fn, streams, accelerator, plan: Plan, *, merge: bool, where: str
+    pipe, config, source, reward_fn, streams, accelerator, plan: Plan, *, merge: bool, where: str, label: str
 ):
     """``sample.num_batches_per_epoch`` batches of ``sample.batch_size`` prompts (drawn from
     ``streams.prompts``), sampled with ``merge`` (LoRA folded in) and branched per ``plan``; each
-    batch's reward runs in a worker thread while the next batch samples.
+    batch's reward runs in a worker thread while the next batch samples; ``label`` (``epoch 3/10``)
+    heads the progress lines.
 
     Returns :class:`Rollouts`: one trajectory of all N local chains, rewards ``[N]`` (NaN:
     dropped), the N metadata dicts, the seconds spent sampling and waiting for rewards."""
     s = config.sample
-    progress = accelerator.is_local_main_process and sys.stderr.isatty()
     trajectories, futures, metadata, t0 = [], [], [], time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for _ in tqdm(range(s.num_batches_per_epoch), desc="sampling", disable=not progress, leave=False):
+        batches = range(s.num_batches_per_epoch)
+        for _ in progress(batches, f"{label}: sampling", accelerator.is_local_main_process):
             prompts = source.sample(s.batch_size, streams.prompts)
             with accelerator.autocast(), lora_merged(pipe.unet, merge):
                 traj = sample_batch(pipe, config, prompts, streams.sampling, plan)

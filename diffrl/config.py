@@ -12,6 +12,7 @@ across sections are the algorithm's (``validate`` in its module).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +52,9 @@ class ModelConfig:
     shape compile, ~35 s each for the tiny UNet on 2 CPU cores; needs a C++ compiler on CPU)."""
 
     def validate(self) -> None:
-        require(self.lora_rank >= 1, "model.lora_rank", f"must be >= 1, got {self.lora_rank}")
+        require(1 <= self.lora_rank <= 4096, "model.lora_rank", f"must be in [1, 4096], got {self.lora_rank}")
+        require(self.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        require(bool(self.lora_target_modules), "model.lora_target_modules", "must name at least one module")
 
 
 @dataclass
@@ -85,9 +88,15 @@ class SampleConfig:
             f"must be <= 1000 (training timesteps), got {self.num_steps}",
         )
         require(
-            self.resolution is None or self.resolution > 0,
+            self.resolution is None or 0 < self.resolution <= 8192,
             "sample.resolution",
-            f"must be > 0, got {self.resolution}",
+            f"must be in [1, 8192] pixels, got {self.resolution}",
+        )
+        require(0 <= self.eta <= 1, "sample.eta", f"must be in [0, 1] (1 = DDPM posterior), got {self.eta}")
+        require(
+            0 <= self.guidance_scale <= 100,
+            "sample.guidance_scale",
+            f"must be in [0, 100], got {self.guidance_scale}",
         )
 
 
@@ -134,6 +143,7 @@ class TrainConfig:
     def validate(self) -> None:
         for key in ("learning_rate", "adam_epsilon", "max_grad_norm", "adv_clip_max", "clip_range"):
             require(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        require(self.learning_rate <= 1, "train.learning_rate", f"must be <= 1, got {self.learning_rate}")
         for key in ("ratio_tolerance", "adam_weight_decay"):
             require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         for key in ("adam_beta1", "adam_beta2"):
@@ -199,7 +209,11 @@ class PromptsConfig:
 @dataclass
 class RunConfig:
     name: str = "ddpo"
-    """Run folder name under ``output_dir``."""
+    """Run folder name under ``output_dir``: one folder name (no path separators, no ``..``, at
+    most 128 characters). A folder that already holds a run is continued only with ``--resume``."""
+    overwrite: bool = False
+    """Start a new run in ``run.name`` even when the folder holds one: the old run folder is deleted
+    first (without this, such a run is refused; ``diffrl train --new-name`` picks a free name)."""
     output_dir: str = "runs"
     """Folder that holds run folders."""
     seed: int = 42
@@ -220,6 +234,25 @@ class RunConfig:
     def validate(self) -> None:
         for key in ("num_epochs", "save_freq", "keep_last"):
             require(getattr(self, key) >= 1, f"run.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(0 <= self.seed < MAX_SEED, "run.seed", f"must be in [0, 2**32), got {self.seed}")
+        check_folder_name(self.name, "run.name")
+        require(bool(self.output_dir), "run.output_dir", "must be a folder path, got ''")
+
+
+MAX_SEED = 2**32
+"""Seeds are below this: ``accelerate.utils.set_seed`` also seeds NumPy, which takes 32-bit seeds."""
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@,-]{0,127}$")
+
+
+def check_folder_name(name: str, key: str) -> None:
+    """``name`` must be one plain folder name: letters, digits and ``._+=@,-``, not starting with a
+    dot (so no ``..``, separators or hidden folders), at most 128 characters."""
+    require(
+        bool(_FOLDER_NAME.match(name)),
+        key,
+        f"{name!r} is not a single folder name (letters, digits, ._+=@,- ; not starting with '.'; "
+        "at most 128 characters)",
+    )
 
 
 @dataclass

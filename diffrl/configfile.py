@@ -43,8 +43,56 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
+MAX_NODES = 100_000
+"""Most values a config may expand to: aliases count once per use, so an alias bomb (a few lines
+that expand to billions of values) is refused before it is walked."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    """A mapping whose keys are unique; a repeated key names both of its lines."""
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} on lines {seen[key]} and {line}", key_node.start_mark
+            )
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:map", lambda loader, node: _construct_mapping(loader, node))
+_Yaml12Loader.construct_mapping = _construct_mapping
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Values ``node`` stands for once every alias in it is expanded (linear in the node graph)."""
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a recursive alias counts once here and is refused by the constructor
+        if isinstance(node, yaml.SequenceNode):
+            memo[id(node)] += sum(_expanded_size(child, memo) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            memo[id(node)] += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    return memo[id(node)]
+
+
 def load_yaml(text: str):
-    return yaml.load(text, Loader=_Yaml12Loader)
+    """YAML 1.2 text -> Python data; duplicate keys and documents that expand past
+    :data:`MAX_NODES` values raise ``yaml.YAMLError`` (with the line)."""
+    loader = _Yaml12Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand it to {size:,} values (more than {MAX_NODES:,})", node.start_mark
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 # ---------------------------------------------------------------------------- typed building
@@ -206,6 +254,17 @@ def leaf_keys(data: dict, prefix: str = "") -> set[str]:
         else:
             keys.add(f"{prefix}{key}")
     return keys
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping as ``{"section.key": value}`` (``kwargs`` mappings are kept whole)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "kwargs":
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def annotated_yaml(tree: dict, sources: dict[str, str], prefix: str = "", indent: str = "") -> list[str]:

@@ -10,27 +10,40 @@ import torch
 import torch.nn.functional as F
 
 from diffrl.config import load_config
-from diffrl.pipelines import load_pipeline
+from diffrl.pipelines import inspect_pipeline, load_pipeline
 from diffrl.rollout import sample_trajectories
 from diffrl.types import SamplerSettings
+
+
+def check_model(name_or_run: str):
+    """What :func:`load_for_eval` would load, found without loading weights (so a missing model
+    or a run without weights fails first): ``(run config | None, trained weights folder | None)``.
+    Raises :class:`~diffrl.errors.PipelineNotFoundError` or ``FileNotFoundError``."""
+    run = Path(name_or_run)
+    if not (run / "config.yaml").is_file():
+        inspect_pipeline(name_or_run)
+        return None, None
+    config = load_config(run / "config.yaml")
+    inspect_pipeline(config.model.pretrained, revision=config.model.revision)
+    weights = next((run / name for name in ("lora", "unet") if (run / name).is_dir()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{run}: a run folder without trained weights (no lora/ or unet/)")
+    return config, weights
 
 
 def load_for_eval(name_or_run: str):
     """A pipeline by name/path, or a run folder's trained model: its base ``model.pretrained`` with
     ``lora/`` loaded through diffusers (or its fully fine-tuned ``unet/``). Returns ``(pipe, run config | None)``."""
-    run = Path(name_or_run)
-    if not (run / "config.yaml").is_file():
+    config, weights = check_model(name_or_run)
+    if config is None:
         return load_pipeline(name_or_run), None
-    config = load_config(run / "config.yaml")
     pipe = load_pipeline(config.model.pretrained, revision=config.model.revision)
-    if (run / "lora").is_dir():
-        pipe.load_lora_weights(str(run / "lora"))
-    elif (run / "unet").is_dir():
+    if weights.name == "lora":
+        pipe.load_lora_weights(str(weights))
+    else:
         from diffusers import UNet2DConditionModel
 
-        pipe.unet = UNet2DConditionModel.from_pretrained(str(run / "unet"))
-    else:
-        raise FileNotFoundError(f"{run}: a run folder without trained weights (no lora/ or unet/)")
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(weights))
     return pipe, config
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 import textwrap
@@ -32,10 +33,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def json_line(record: dict) -> str:
+    """``record`` as strict JSON (no ``NaN``/``Infinity`` tokens, which JSON does not have): each
+    non-finite float becomes null and its key is listed under ``"nonfinite"``."""
+    flagged = []
+
+    def clean(value, key: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            flagged.append(key)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(record, "")
+    if flagged:
+        cleaned["nonfinite"] = sorted(set(cleaned.get("nonfinite") or []) | set(flagged))
+    return json.dumps(cleaned, allow_nan=False)
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one JSON line (append-only log, flushed to disk)."""
+    """Append one strict JSON line (:func:`json_line`; append-only log, flushed to disk)."""
+    line = json_line(record) + "\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
@@ -100,24 +123,27 @@ def truncate_metrics(path: str | Path, last_epoch: int) -> None:
     """Keep only records with ``epoch <= last_epoch`` (atomic rewrite), so a resumed run does not
     duplicate the epochs it repeats."""
     kept = [r for r in read_jsonl(path) if r.get("epoch", -1) <= last_epoch]
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    atomic_write_bytes(path, "".join(json_line(r) + "\n" for r in kept).encode())
 
 
 def line_chart(values: list[float], title: str, size: tuple[int, int] = (480, 320)) -> Image.Image:
-    """A minimal PIL line chart of ``values`` against their index (x: epoch)."""
+    """A minimal PIL line chart of ``values`` against their index (x: epoch; null or non-finite
+    values are left out)."""
     width, height = size
     margin = 40
     chart = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(chart)
     draw.rectangle([margin, margin // 2, width - 10, height - margin], outline="black")
     draw.text((margin, 4), title, fill="black")
-    if values:
-        low, high = min(values), max(values)
+    values = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
+    if any(v is not None for v in values):
+        low, high = min(v for v in values if v is not None), max(v for v in values if v is not None)
         span = (high - low) or 1.0
         x_step = (width - 10 - margin) / max(1, len(values) - 1)
         points = [
             (margin + i * x_step, height - margin - (v - low) / span * (height - 1.5 * margin))
             for i, v in enumerate(values)
+            if v is not None
         ]
         if len(points) > 1:
             draw.line(points, fill="blue", width=2)

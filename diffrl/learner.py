@@ -14,12 +14,12 @@ from functools import partial
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from diffrl.algorithms import Batch, Term
 from diffrl.errors import ConfigError
 from diffrl.guards import NonFiniteGuard, check_log_ratios, optimizer_step
 from diffrl.pipelines import load_pipeline
+from diffrl.progress import progress
 from diffrl.rollout import Transition
 from diffrl.types import Trajectory
 
@@ -267,9 +267,7 @@ class Learner:
             )
         return min(self.per_pass, num_train_steps)
 
-    def train_epoch(
-        self, loss_fn, batch: Batch, traj: Trajectory, streams, epoch: int, progress: bool
-    ) -> dict:
+    def train_epoch(self, loss_fn, batch: Batch, traj: Trajectory, streams, epoch: int, label: str) -> dict:
         """The update of one epoch: ``num_inner_epochs`` passes over the items with ``batch.trained``
         True, shuffled, in minibatches of ``train.batch_size``; each item's steps
         ``batch.first_step..T-1`` in its own random order (``timestep_fraction`` of them), k =
@@ -277,7 +275,8 @@ class Learner:
         :class:`~diffrl.algorithms.Term` for ``loss_fn(term, batch, config) -> (loss, stats)``,
         weighted by its share of the steps, so the accumulated gradient is that of one term per
         (minibatch, step) for any k. The first term is ratio-checked (:meth:`check_ratios`)
-        before its update. Returns the mean of every stat and ``skipped_steps``."""
+        before its update; ``label`` (``epoch 3/10``) heads the progress lines. Returns the mean of every
+        stat and ``skipped_steps``."""
         t, accelerator = self.config.train, self.accelerator
         index, valid = training_items(
             batch.trained, t.batch_size * t.gradient_accumulation_steps, accelerator
@@ -317,9 +316,14 @@ class Learner:
             step_order = batch.first_step + torch.stack(
                 [torch.randperm(span, generator=streams.shuffle) for _ in range(len(index))]
             )
-            for b, rows in enumerate(
-                tqdm(order.split(t.batch_size), desc="training", disable=not progress, leave=False)
-            ):
+            inner_label = f" {inner + 1}/{t.num_inner_epochs}" if t.num_inner_epochs > 1 else ""
+            minibatches = progress(
+                order.split(t.batch_size),
+                f"{label}: training{inner_label}",
+                accelerator.is_local_main_process,
+                "minibatches",
+            )
+            for b, rows in enumerate(minibatches):
                 for cols in passes:
                     items, steps = pass_rows(rows, cols, step_order)
                     weight = len(cols) * len(passes) / num_train_steps

@@ -10,15 +10,14 @@ uses (:mod:`diffrl.run`); metrics are the term's stats (loss, implicit accuracy,
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from diffrl.algorithms import Context
 from diffrl.errors import ConfigError
 from diffrl.learner import build_learner, process_mean
+from diffrl.progress import EpochClock, progress
 from diffrl.run import Run, StopSignals, Streams
 
 
@@ -40,7 +39,6 @@ def steps_per_epoch(num_items: int, config, section: str | None, num_processes: 
 def train_offline(config, algorithm, accelerator, reward_fn, data: list, stop: StopSignals):
     """The epochs of an offline algorithm over ``data`` (what its ``setup`` returned); returns the
     pipeline with the trained weights."""
-    progress = accelerator.is_local_main_process and sys.stderr.isatty()
     streams = Streams.seeded(config.run.seed, accelerator.process_index)
     learner = build_learner(config, accelerator)
     run = Run(config, learner, None, streams, reward_fn, [item.prompt for item in data[:16]])
@@ -49,13 +47,15 @@ def train_offline(config, algorithm, accelerator, reward_fn, data: list, stop: S
     per_step = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     count = steps_per_epoch(len(data), config, algorithm.section, accelerator.num_processes) * per_step
     accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps
+    clock = EpochClock(config.run.num_epochs)
     for epoch in run.epochs:
         t0, totals, terms, skipped = time.perf_counter(), {}, 0, learner.guard.skipped
         order = torch.randperm(len(data), generator=streams.shuffle)[:count]
         local = order[accelerator.process_index :: accelerator.num_processes]
         learner.unet.train()
         batches = local.split(t.batch_size)
-        for b, rows in enumerate(tqdm(batches, desc="training", disable=not progress, leave=False)):
+        label = f"{clock.label(epoch)}: training"
+        for b, rows in enumerate(progress(batches, label, accelerator.is_local_main_process, "minibatches")):
             term = algorithm.term(ctx, learner, [data[i] for i in rows.tolist()], streams)
             for k, v in learner.update(term, f"epoch {epoch}", f"minibatch {b}").items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -70,7 +70,9 @@ def train_offline(config, algorithm, accelerator, reward_fn, data: list, stop: S
             "time_training": time.perf_counter() - t0,
         }
         stats = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in totals)
-        accelerator.print(f"epoch {epoch}: {stats}, {record['time_training']:.1f}s")
+        accelerator.print(
+            f"{clock.label(epoch)}: {stats}, {record['time_training']:.1f}s, {clock.lap(epoch)}", flush=True
+        )
         run.log_epoch(epoch, record, curve="accuracy")
         run.end_epoch(epoch, stop)
     return run.finish()

@@ -67,6 +67,8 @@ class PipelineInfo:
     """Pixels per latent cell along each side (8 for Stable Diffusion)."""
     resolution: int
     """Native image side in pixels (UNet sample size x VAE factor)."""
+    latent_channels: int = 4
+    """Channels of the latents the UNet denoises."""
 
 
 def inspect_pipeline(
@@ -94,7 +96,7 @@ def inspect_pipeline(
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     sample_size = unet["sample_size"]
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-    return PipelineInfo(is_lcm, factor, sample_size * factor)
+    return PipelineInfo(is_lcm, factor, sample_size * factor, unet.get("in_channels", 4))
 
 
 def load_pipeline(

@@ -69,7 +69,7 @@ def charts(records: list[dict]) -> list[str]:
         rows = [r for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         if not rows:
             continue
-        spread = [r.get(spread_key, 0.0) for r in rows] if spread_key else None
+        spread = [r.get(spread_key) or 0.0 for r in rows] if spread_key else None
         out.append(svg_chart([r["epoch"] for r in rows], [r[key] for r in rows], spread, title))
     return out
 
@@ -91,7 +91,7 @@ def write_report(run_dir: str | Path) -> Path:
     summary = ", ".join(
         f"{k} {last[k]:.4g}"
         for k in ("reward_mean", "approx_kl", "clipfrac", "loss", "accuracy")
-        if k in last
+        if isinstance(last.get(k), (int, float))
     )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>diffrl report: {html.escape(run_dir.name)}</title>

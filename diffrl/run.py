@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from diffrl import runfolder
 from diffrl.checkpoints import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from diffrl.collect import sample_batch, score_images
 from diffrl.config import dump_yaml, to_dict
+from diffrl.configfile import flatten
 from diffrl.errors import RunStopped
 from diffrl.files import (
     append_jsonl,
@@ -139,17 +141,6 @@ def export_weights(pipe, use_lora: bool, run_dir: Path) -> None:
     _swap_in(tmp, run_dir / name)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """Nested config -> ``{"section.key": scalar}`` for trackers."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
 class Run:
     """One run's folder and lifecycle around a :class:`~diffrl.learner.Learner`.
 
@@ -167,8 +158,10 @@ class Run:
         self.dir, self.start_epoch = Path(config.run.output_dir) / config.run.name, 0
         self.outputs = ThreadPoolExecutor(max_workers=1)
         self.pending = []
+        changes = {}
         if config.run.resume_from:
             self.dir, checkpoint = resolve_resume(config.run.resume_from)
+            changes = runfolder.check_resume(config, self.dir)
             if checkpoint is not None:
                 saved, rng = load_checkpoint(
                     checkpoint, learner.pipe.unet, learner.optimizer, accelerator.process_index
@@ -179,12 +172,20 @@ class Run:
                 learner.merge_sampling = saved.get("merge_sampling", learner.merge_sampling)
                 self.start_epoch = saved["epoch"] + 1
         if self.main:
+            if config.run.overwrite and not config.run.resume_from:
+                runfolder.clear_for_new_run(self.dir)
             self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.dir / "config.yaml", dump_yaml(config).encode())
+            if not (self.dir / "config.yaml").is_file():  # a resume keeps the config the run began with
+                atomic_write_bytes(self.dir / "config.yaml", dump_yaml(config).encode())
             if config.run.resume_from:
+                runfolder.record_resume(self.dir, self.start_epoch, changes)
                 truncate_metrics(self.dir / "metrics.jsonl", self.start_epoch - 1)
         if config.run.log_with != "none":
-            accelerator.init_trackers(config.run.name, config=_flat(to_dict(config)))
+            tracked = {
+                k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in flatten(to_dict(config)).items()
+            }
+            accelerator.init_trackers(config.run.name, config=tracked)
         accelerator.wait_for_everyone()
         if self.main and self.start_epoch == 0:
             self.grid("before.png")
@@ -199,6 +200,7 @@ class Run:
         """``samples/NAME``: the first 16 grid prompts sampled from a fixed seed, with rewards
         (before.png, middle.png, after.png; ``report.html`` shows them side by side)."""
         prompts = [self.grid_prompts[i % len(self.grid_prompts)] for i in range(16)]
+        print(f"diffrl: sampling the fixed-seed grid samples/{name}", file=sys.stderr, flush=True)
         pipe = self.learner.pipe
         traj = sample_batch(pipe, self.config, prompts, torch.Generator().manual_seed(self.config.run.seed))
         values = score_images(self.reward_fn, traj, self.config, f"sample grid {name}")
@@ -240,7 +242,7 @@ class Run:
             self.grid("middle.png")
 
     def _charts(self, curve: str) -> None:
-        values = [r[curve] for r in read_jsonl(self.dir / "metrics.jsonl")]
+        values = [r.get(curve) for r in read_jsonl(self.dir / "metrics.jsonl")]
         save_png(
             line_chart(values, curve.replace("_", " ") + " per epoch"),
             self.dir / f"{curve.split('_')[0]}_curve.png",

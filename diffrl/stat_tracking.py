@@ -15,8 +15,10 @@ EPS = 1e-6
 
 
 def normalize(rewards: torch.Tensor) -> torch.Tensor:
-    """Whole-batch normalisation (r - mean) / (std + 1e-6), population std; ``[N]`` -> ``[N]``."""
-    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + EPS)
+    """Whole-batch normalisation (r - mean) / (std + 1e-6), population std, computed in float64
+    (rewards near float32's range do not overflow); ``[N]`` -> ``[N]`` float32."""
+    rewards = rewards.double()
+    return ((rewards - rewards.mean()) / (rewards.std(unbiased=False) + EPS)).float()
 
 
 class PerPromptStatTracker:
@@ -32,9 +34,9 @@ class PerPromptStatTracker:
         Args:
             prompts: N prompts; rewards: ``[N]`` float.
         Returns:
-            ``[N]`` float32 advantages.
+            ``[N]`` float32 advantages (statistics in float64).
         """
-        rewards = rewards.float()
+        rewards = rewards.double()
         batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
         advantages = torch.empty_like(rewards)
         for prompt in dict.fromkeys(prompts):
@@ -44,10 +46,10 @@ class PerPromptStatTracker:
             if len(buffer) < self.min_count:
                 mean, std = batch_mean, batch_std
             else:
-                history = torch.tensor(list(buffer))
+                history = torch.tensor(list(buffer), dtype=torch.float64)
                 mean, std = history.mean(), history.std(unbiased=False)
             advantages[index] = (rewards[index] - mean) / (std + EPS)
-        return advantages
+        return advantages.float()
 
     def state_dict(self) -> dict:
         """Plain-data state: the buffers as lists."""

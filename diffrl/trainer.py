@@ -10,20 +10,20 @@ and checkpoint. Nothing here knows which algorithm runs.
 from __future__ import annotations
 
 import importlib.util
-import sys
 import time
 from functools import partial
 
 import torch
 from accelerate import Accelerator
 
-from diffrl import algorithms, rewards
+from diffrl import algorithms, rewards, runfolder
 from diffrl.algorithms import Context
 from diffrl.checkpoints import resolve_resume
 from diffrl.collect import metadata_means, sample_epoch
 from diffrl.errors import ConfigError
 from diffrl.learner import build_learner, process_mean
 from diffrl.pipelines import inspect_pipeline
+from diffrl.progress import EpochClock
 from diffrl.prompts import load_prompts
 from diffrl.run import Run, StopSignals, Streams, set_deterministic
 
@@ -48,12 +48,16 @@ def check_environment(config, device: torch.device) -> None:
 
 def preflight(config, algorithm, device: torch.device):
     """Every check that needs no model weights, in the order a user would fix them: this machine,
-    the resume target, the model (found? the sampler family the algorithm trains? resolution a
+    the run folder (a new run's folder holds no other run; a resume changes only what it may),
+    the model (found? the sampler family the algorithm trains? resolution a
     multiple of its VAE factor?), the prompts, the reward, the algorithm's own state.
     Returns ``(prompt source, reward function, algorithm state)``."""
     check_environment(config, device)
     if config.run.resume_from:
-        resolve_resume(config.run.resume_from)
+        run_dir, _ = resolve_resume(config.run.resume_from, report=True)
+        runfolder.check_resume(config, run_dir)
+    else:
+        runfolder.check_new_run(config)
     info = inspect_pipeline(config.model.pretrained, revision=config.model.revision)
     family = "lcm" if info.is_lcm else "ddim"
     if not algorithm.offline and family != algorithm.model:
@@ -75,7 +79,47 @@ def preflight(config, algorithm, device: torch.device):
         )
     source = load_prompts(config.prompts.source)
     reward_fn = rewards.get(config.reward.name, **config.reward.kwargs)
+    side = resolution or info.resolution
+    if side < reward_fn.min_size:
+        raise ConfigError(
+            f"sample.resolution: {side}-pixel images are smaller than the {reward_fn.min_size} pixels "
+            f"reward {config.reward.name} needs"
+        )
+    if not algorithm.offline:
+        check_memory(config, info, side)
     return source, reward_fn, algorithm.setup(config)
+
+
+def epoch_bytes(config, info, side: int) -> int:
+    """Bytes one process's epoch of trajectories holds (float32 latents of every step and the
+    decoded images): N (T + 1) C (side / f)^2 + N 3 side^2 floats, N = samples per process."""
+    s = config.sample
+    samples = s.batch_size * s.num_batches_per_epoch
+    latent = info.latent_channels * (side // info.vae_scale_factor) ** 2
+    return 4 * samples * ((s.num_steps + 1) * latent + 3 * side * side)
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(config, info, side: int) -> None:
+    """Refuse an epoch whose stored trajectories alone would not fit the free memory."""
+    need, free = epoch_bytes(config, info, side), available_memory()
+    if free is not None and need > free:
+        s = config.sample
+        raise ConfigError(
+            f"sample.batch_size: an epoch of {s.batch_size} x {s.num_batches_per_epoch} trajectories of "
+            f"{s.num_steps} steps at {side} pixels stores {need / 2**30:.1f} GiB, more than the "
+            f"{free / 2**30:.1f} GiB free here; lower sample.batch_size, sample.num_batches_per_epoch or "
+            "sample.num_steps"
+        )
 
 
 def train(config):
@@ -92,6 +136,7 @@ def train(config):
     )
     algorithm = algorithms.get(config.algorithm)
     source, reward_fn, state = preflight(config, algorithm, accelerator.device)
+    accelerator.wait_for_everyone()  # every process checked the run folder before the main one writes it
     was_deterministic = set_deterministic(config.run.deterministic)
     try:
         with StopSignals() as stop:
@@ -106,13 +151,14 @@ def train(config):
 
 def train_online(config, algorithm, accelerator, source, reward_fn, state, stop: StopSignals):
     """The epochs of an online algorithm, after :func:`train`'s checks."""
-    progress = accelerator.is_local_main_process and sys.stderr.isatty()
     streams = Streams.seeded(config.run.seed, accelerator.process_index)
+    accelerator.print(f"diffrl: loading {config.model.pretrained}", flush=True)
     learner = build_learner(config, accelerator)
     pipe = learner.pipe
     run = Run(config, learner, state, streams, reward_fn, source.prompts)
     ctx = Context(config, accelerator, run.dir, state)
     rank = f", process {accelerator.process_index}" if accelerator.num_processes > 1 else ""
+    clock = EpochClock(config.run.num_epochs)
 
     for epoch in run.epochs:
         plan = algorithm.plan(config, epoch)
@@ -121,17 +167,17 @@ def train_online(config, algorithm, accelerator, source, reward_fn, state, stop:
         pipe.unet.eval()
         sample = partial(
             sample_epoch, pipe, config, source, reward_fn, streams, accelerator, plan,
-            merge=learner.merge_sampling, where=f"epoch {epoch}{rank}",
+            merge=learner.merge_sampling, where=f"epoch {epoch}{rank}", label=clock.label(epoch),
         )  # fmt: skip
         rollouts = algorithm.collect(ctx, epoch, sample)
 
         # TRAINING: the algorithm's advantages or pairs, then its loss over the trained steps
         t0 = time.perf_counter()
         batch = algorithm.prepare(ctx, rollouts, epoch)
-        stats = learner.train_epoch(algorithm.loss, batch, rollouts.traj, streams, epoch, progress)
+        stats = learner.train_epoch(algorithm.loss, batch, rollouts.traj, streams, epoch, clock.label(epoch))
 
         # the epoch's record, outputs and checkpoint
-        kept = batch.rewards[torch.isfinite(batch.rewards)]
+        kept = batch.rewards[torch.isfinite(batch.rewards)].double()  # float64: no overflow in the sums
         record = {
             "epoch": epoch,
             "reward_mean": kept.mean().item(),
@@ -149,9 +195,10 @@ def train_online(config, algorithm, accelerator, source, reward_fn, state, stop:
             "time_training": time.perf_counter() - t0,
         }
         accelerator.print(
-            f"epoch {epoch}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, "
+            f"{clock.label(epoch)}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, "
             + "".join(f"{k} {record[k]:.3g}, " for k in ("approx_kl", "clipfrac", "accuracy") if k in record)
-            + f"{record['time_sampling'] + record['time_training']:.1f}s"
+            + f"{record['time_sampling'] + record['time_training']:.1f}s, {clock.lap(epoch)}",
+            flush=True,
         )
         run.log_epoch(epoch, record, rollouts.traj, rollouts.rewards)
         run.end_epoch(epoch, stop, checkpoint=plan.checkpoint)

@@ -111,7 +111,7 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
     learner = Learner(unet, pipe, optimizer, params, accelerator, NonFiniteGuard(limit=1000), config)
 
     def train_step():
-        learner.train_epoch(ddpo.loss, batch_data, traj, streams, 0, False)
+        learner.train_epoch(ddpo.loss, batch_data, traj, streams, 0, "bench")
 
     trunks = prompts[: max(1, batch // branches)]
 

@@ -38,7 +38,15 @@ def main() -> None:
 
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "diffrl.cli", "train", args.config, f"run.output_dir={args.output_dir}"],
+        [
+            sys.executable,
+            "-m",
+            "diffrl.cli",
+            "train",
+            args.config,
+            f"run.output_dir={args.output_dir}",
+            "run.overwrite=true",  # a rerun replaces its run
+        ],  # fmt: skip
         check=True,
     )
     wall = time.perf_counter() - start

@@ -62,7 +62,7 @@ def test_dumped_config_reads_back_equal(tmp_path):
         ("reward.on_error=ignore", r"reward.on_error: 'ignore' is not one of \['fail', 'drop'\]"),
         ("reward.timeout=0", r"reward.timeout: must be > 0 seconds or null"),
         ("sample.num_steps=5000", r"sample.num_steps: must be <= 1000"),
-        ("sample.resolution=-8", r"sample.resolution: must be > 0"),
+        ("sample.resolution=-8", r"sample.resolution: must be in \[1, 8192\] pixels"),
         ("train.batch_size.x=1", r"train.batch_size: expected int, got dict"),
         ("train.learning_rate=-0.1", r"train.learning_rate: must be > 0"),
         ("train.timestep_fraction=0", r"train.timestep_fraction: must be in \(0, 1\]"),

@@ -136,12 +136,44 @@ def server(tmp_path):
     srv.server_close()
 
 
-def request(srv, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+def request(srv, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, bytes]:
+    """One request with the server's token (``headers`` replace the defaults; ``body`` is JSON
+    data, or bytes sent as they are)."""
     conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
-    data = None if body is None else json.dumps(body).encode()
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    sent = {"Content-Type": "application/json", "X-Diffrl-Token": srv.token}
+    conn.request(method, path, body=data, headers={**sent, **(headers or {})})
     response = conn.getresponse()
     return response.status, response.read()
+
+
+CHOICE = {"folder": "epoch_0000/rank_0", "group": 0, "tie": True}
+
+
+@pytest.mark.parametrize(
+    "method, path, body, headers, status, message",
+    [
+        ("GET", "/api/state", None, {"X-Diffrl-Token": ""}, 403, b"token"),
+        ("GET", "/", None, {"X-Diffrl-Token": "guess"}, 403, b"token"),
+        ("GET", "/files/epoch_0000/rank_0/images/0001.png", None, {"X-Diffrl-Token": ""}, 403, b"token"),
+        ("POST", "/api/label", CHOICE, {"X-Diffrl-Token": ""}, 403, b"token"),
+        ("POST", "/api/label", CHOICE, {"Content-Type": "text/plain"}, 415, b"application/json"),
+        ("POST", "/api/label", CHOICE, {"Origin": "http://evil.example"}, 403, b"cross-origin"),
+        ("POST", "/api/label", b"\xff\xfe{}", {}, 400, b"malformed"),
+        ("POST", "/api/label", b"[" * 3000 + b"]" * 3000, {"Content-Length": "4000"}, 400, b""),
+        ("POST", "/api/label", b"[" * 2000 + b"]" * 2000, {}, 400, b"malformed"),
+        ("POST", "/api/label", b"{}", {"Content-Length": "abc"}, 400, b"malformed"),
+        ("GET", "/files/a%00b.png", None, {}, 400, b"NUL"),
+        ("GET", "/files/%ff%fe.png", None, {}, 400, b"malformed"),
+    ],
+)
+def test_server_refuses_strangers_and_malformed_requests(
+    server, method, path, body, headers, status, message
+):
+    got, answer = request(server, method, path, body, headers)
+    assert got == status and message in answer, answer
+    assert not (server.run_dir / "rollouts/epoch_0000/rank_0/labels.jsonl").exists()
+    assert request(server, "GET", "/api/state")[0] == 200  # and it keeps serving
 
 
 @pytest.mark.parametrize(
@@ -185,6 +217,61 @@ def test_server_serves_images_and_records_choices(server):
     assert [(r["group"], r["best"], r["worst"]) for r in records] == [(0, 2, 1)]
 
 
+ATTACK = """<!doctype html><title>another site</title><script>
+const target = "TARGET";
+const label = JSON.stringify({folder: "epoch_0000/rank_0", group: 0, tie: true});
+window.results = Promise.allSettled([
+  fetch(target + "/api/label", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body: label}),
+  fetch(target + "/api/label", {method: "POST", headers: {"Content-Type": "application/json"}, body: label}),
+  fetch(target + "/api/state").then((r) => r.text()),
+]).then((all) => all.map((r) => r.status));
+</script>"""
+
+
+@needs_chromium
+def test_another_site_cannot_label_but_the_page_can(server):
+    """A page from another origin (another port) posts labels the ways a browser allows it to,
+    and reads the state; nothing is written and nothing is read. The page itself then labels."""
+    import http.server
+
+    host, port = server.server_address[:2]
+    target = f"http://{host}:{port}"
+    page_bytes = ATTACK.replace("TARGET", target).encode()
+
+    class Attacker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page_bytes)
+
+        def log_message(self, *args):
+            pass
+
+    attacker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    labels = server.run_dir / "rollouts/epoch_0000/rank_0/labels.jsonl"
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{attacker.server_address[1]}/")
+                outcomes = page.evaluate("window.results")
+                assert outcomes[1] == "rejected" and outcomes[2] == "rejected", outcomes  # CORS blocks
+                assert not labels.exists(), labels.read_text()  # the no-cors POST reached, and was refused
+                page.goto(f"{target}/?token={server.token}")
+                page.wait_for_function("document.getElementById('progress').textContent.startsWith('0 of ')")
+                page.keyboard.press("t")
+                page.wait_for_function("document.getElementById('progress').textContent.startsWith('1 of ')")
+            finally:
+                browser.close()
+    finally:
+        attacker.shutdown()
+        attacker.server_close()
+    assert [r.get("tie") for r in read_jsonl(labels, strict=True)] == [True]
+
+
 def test_label_command_needs_saved_rollouts(tmp_path, capsys):
     assert cli.main(["label", str(tmp_path), "--port", "0"]) == 2
     assert "no saved rollouts" in capsys.readouterr().err
@@ -203,7 +290,7 @@ def start_label_server(run_dir: Path) -> tuple[subprocess.Popen, str]:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     line = proc.stdout.readline()
-    assert line.startswith("diffrl label: http://127.0.0.1:"), line
+    assert line.startswith("diffrl label: http://127.0.0.1:") and "/?token=" in line, line
     return proc, line.split()[2]
 
 

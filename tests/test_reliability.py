@@ -248,6 +248,9 @@ def test_nonfinite_loss_skips_the_step_and_training_continues(tmp_path, monkeypa
     pipe = train(_config(tmp_path, "nan", "run.num_epochs=2", "train.gradient_accumulation_steps=1"))
     records = _metrics(tmp_path / "nan")
     assert [r["skipped_steps"] for r in records] == [2, 0]
+    text = (tmp_path / "nan" / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: the NaN loss is null, flagged
+    assert records[0]["loss"] is None and "loss" in records[0]["nonfinite"]
     initial = {k: v.clone() for k, v in _weights(tmp_path / "nan", 0).items()}
     lora_b = [k for k in initial if "lora_B" in k]
     assert lora_b and all((initial[k] == 0).all() for k in lora_b), "no step was taken in epoch 0"

@@ -206,7 +206,7 @@ def test_timesteps_per_pass_keeps_the_gradient_of_one_term_per_timestep(per_pass
     before = [p.detach().clone() for p in params]
     batch = Batch(members=everyone[:, None], trained=torch.ones(3, dtype=torch.bool), rewards=torch.zeros(3))
     learner.train_epoch(
-        lambda term, batch, config: (term.log_prob.mean(), {}), batch, data, Streams.seeded(0, 0), 0, False
+        lambda term, batch, config: (term.log_prob.mean(), {}), batch, data, Streams.seeded(0, 0), 0, "test"
     )
     for p, start, grad in zip(params, before, expected):  # float32 noise of different batch shapes
         torch.testing.assert_close(

@@ -157,7 +157,7 @@ def get(name: str) -> Algorithm:
     path = REGISTRY.get(name, name)
     try:
         module = importlib.import_module(path)
-    except ImportError as err:
+    except (ImportError, ValueError, TypeError) as err:  # also '' and relative names such as '.x'
         known = ", ".join(REGISTRY)
         raise ConfigError(
             f"algorithm: {name!r} is not a registered algorithm ({known}) nor an importable module ({err})"

@@ -3,12 +3,16 @@
 ``images`` are float ``[B, 3, H, W]`` in [0, 1], ``prompts`` a list of B strings, ``metadata`` a
 list of B dicts (may be empty dicts). Built-ins are named (``jpeg_compressibility``, ``aesthetic``,
 ...); a custom reward is named by its import path ``package.module:function``. With keyword
-arguments the imported object is treated as a factory and called with them to make the reward.
+arguments the imported object is treated as a factory and called with them to make the reward
+(keywords it does not take are refused before it runs). A reward may set ``min_size``: the
+smallest image side, in pixels, it can judge (checked against ``sample.resolution`` before a run
+loads its model). Rewards get a copy of the images, so they may modify them.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import threading
 import warnings
 from collections.abc import Callable
@@ -46,13 +50,22 @@ def check_rewards(name: str, values, batch_size: int) -> torch.Tensor:
         raise RewardError(f"reward {name!r} returned shape {tuple(values.shape)}, expected ({batch_size},)")
     if values.is_complex() or values.dtype == torch.bool:
         raise RewardError(f"reward {name!r} returned dtype {values.dtype}, expected a real floating tensor")
-    values = values.detach().float().cpu()
+    values = values.detach().cpu()
     bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
     if bad:
         raise RewardError(
-            f"reward {name!r} returned non-finite values at sample indices {bad}", indices=bad, values=values
+            f"reward {name!r} returned non-finite values at sample indices {bad}",
+            indices=bad,
+            values=values.float(),
         )
-    return values
+    big = (values.double().abs() > torch.finfo(torch.float32).max).nonzero().flatten().tolist()
+    if big:
+        raise RewardError(
+            f"reward {name!r} returned values beyond float32's range (|r| > 3.4e38) at sample indices {big}",
+            indices=big,
+            values=values.double().clamp(-3e38, 3e38).float(),
+        )
+    return values.float()
 
 
 def _import(path: str):
@@ -72,10 +85,10 @@ def get(name: str, **kwargs) -> RewardFn:
     finite ``[B]`` tensor.
     """
     if name in REGISTRY:
-        fn = REGISTRY[name](**kwargs)
+        fn = _make(name, REGISTRY[name], kwargs)
     elif ":" in name:
         fn = _import(name)
-        fn = fn(**kwargs) if kwargs else fn
+        fn = _make(name, fn, kwargs) if kwargs else fn
     else:
         raise RewardError(
             f"unknown reward {name!r}; built-ins: {', '.join(REGISTRY)}; or give 'package.module:function'"
@@ -85,10 +98,33 @@ def get(name: str, **kwargs) -> RewardFn:
 
     def checked(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         metadata = metadata if metadata is not None else [{} for _ in prompts]
-        return check_rewards(name, fn(images, prompts, metadata), images.shape[0])
+        # a copy: a reward that edits its input in place cannot change the saved images
+        return check_rewards(name, fn(images.clone(), list(prompts), metadata), images.shape[0])
 
     checked.__name__ = name
+    checked.min_size = int(getattr(fn, "min_size", 1))
     return checked
+
+
+def _make(name: str, factory: Callable, kwargs: dict):
+    """``factory(**kwargs)``, after checking that it takes those keywords (the error names them
+    and what it takes, before anything is built)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return factory(**kwargs)
+    try:
+        signature.bind(**kwargs)
+    except TypeError as err:
+        takes = ", ".join(
+            p.name
+            for p in signature.parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
+        raise RewardError(
+            f"reward.kwargs: reward {name!r} does not take {sorted(kwargs)} ({err}; it takes: {takes or 'nothing'})"
+        ) from err
+    return factory(**kwargs)
 
 
 def _call_with_timeout(fn: Callable, args: tuple, timeout: float | None):

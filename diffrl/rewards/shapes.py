@@ -174,4 +174,5 @@ def shapes_alignment():
             meta.update({k: v[i].item() for k, v in result.attributes.items() if not torch.isnan(v[i])})
         return result.score
 
+    reward.min_size = tw.SIZE  # the verifier reads shapes and colours at the world's size
     return reward
