@@ -261,8 +261,51 @@ def resolve_train_config(
     return config
 
 
+def _eval_suite(args: argparse.Namespace) -> int:
+    """``diffrl eval MODEL... --suite toy-geneval|FILE.jsonl``: GenEval's per-task table."""
+    from diffrl import geneval
+    from diffrl.evaluation import check_model, evaluate_suite, load_for_eval, load_suite
+    from diffrl.rewards.shapes import TOY_THRESHOLDS, detect_batch
+    from diffrl.runfolder import writable_file
+
+    if args.json:
+        writable_file(args.json, "--json")
+    for model in args.models:
+        check_model(model)
+    rows = load_suite(args.suite)
+    results = {}
+    for model in args.models:
+        pipe, run_config = load_for_eval(model)
+        sample = run_config.sample if run_config is not None else None
+        settings = SamplerSettings(
+            num_steps=args.num_steps if args.num_steps is not None else (sample.num_steps if sample else 20),
+            guidance_scale=args.guidance_scale
+            if args.guidance_scale is not None
+            else (sample.guidance_scale if sample else 5.0),
+            eta=args.eta if args.eta is not None else (sample.eta if sample else 1.0),
+        )
+        results[model] = evaluate_suite(
+            pipe,
+            rows,
+            detect_batch,
+            TOY_THRESHOLDS,
+            settings,
+            images_per_prompt=args.images_per_prompt,
+            seed=args.seed,
+        )
+    print(geneval.markdown(results))
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(results, indent=1) + "\n").encode())
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from diffrl.evaluation import check_model, evaluate, load_for_eval, markdown_table
+
+    if args.suite:
+        return _eval_suite(args)
+    if not (args.prompts and args.reward):
+        raise ConfigError("diffrl eval needs --prompts and --reward (or --suite toy-geneval|FILE.jsonl)")
     from diffrl.prompts import load_prompts
     from diffrl.runfolder import writable_file
 
@@ -371,8 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score pipelines or trained runs on a fixed seeded prompt set")
     ev.add_argument("models", nargs="+", metavar="PIPELINE_OR_RUN", help="model name/path or run folder")
-    ev.add_argument("--prompts", required=True, help="prompt set name, text file, or toy_heldout_single etc.")
-    ev.add_argument("--reward", required=True, help="reward name or package.module:function")
+    ev.add_argument("--prompts", help="prompt set name, text file, or toy_heldout_single etc.")
+    ev.add_argument("--reward", help="reward name or package.module:function")
+    ev.add_argument(
+        "--suite",
+        help="GenEval instead of a reward: toy-geneval (the toy world's held-out rows) or a GenEval-layout JSONL",
+    )
+    ev.add_argument("--images-per-prompt", type=COUNT, default=4, help="with --suite (GenEval: 4)")
     ev.add_argument("--num-images", type=COUNT, default=64)
     ev.add_argument("--num-steps", type=STEPS, default=None, help="default: the run's, else 20")
     ev.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=None, help="default: the run's, else 5")

@@ -125,3 +125,49 @@ def markdown_table(rows: dict[str, dict]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+SUITES = {"toy-geneval": "the toy world's GenEval rows (toyworld.geneval_rows('heldout'))"}
+
+
+def load_suite(name_or_file: str) -> list[dict]:
+    """A GenEval suite: ``toy-geneval`` or a GenEval-layout JSONL file (:func:`diffrl.geneval.read_suite`)."""
+    from diffrl import geneval, toyworld
+
+    if name_or_file == "toy-geneval":
+        return toyworld.geneval_rows("heldout")
+    return geneval.read_suite(name_or_file)
+
+
+@torch.no_grad()
+def evaluate_suite(
+    pipe,
+    rows: list[dict],
+    detector,
+    thresholds: tuple[float, float],
+    settings: SamplerSettings,
+    *,
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict:
+    """GenEval on ``pipe``: each row's prompt sampled ``images_per_prompt`` times (one generator
+    seeded ``seed``, prompts in file order), ``detector(images [B, 3, H, W]) -> detections per
+    image``, GenEval's rule per image (:func:`diffrl.geneval.correct` after
+    :func:`~diffrl.geneval.select` with ``thresholds``). Returns the per-task table of
+    :func:`~diffrl.geneval.summarize` plus ``partial_credit`` (the mean training reward)."""
+    from diffrl import geneval
+
+    chosen = [row for row in rows for _ in range(images_per_prompt)]
+    generator = torch.Generator().manual_seed(seed)
+    flags, credits = [], []
+    for start in range(0, len(chosen), batch_size):
+        batch = chosen[start : start + batch_size]
+        traj = sample_trajectories(pipe, [r["prompt"] for r in batch], settings, generator=generator)
+        for row, detections in zip(batch, detector(traj.images)):
+            by_class = geneval.select(detections, row["tag"], thresholds)
+            flags.append(geneval.correct(by_class, row)[0])
+            credits.append(geneval.partial_credit(by_class, row))
+    table = geneval.summarize([r["tag"] for r in chosen], flags)
+    table["partial_credit"] = sum(credits) / len(credits)
+    return table

@@ -3,7 +3,7 @@
 Built-in sets follow DDPO (Black et al. 2024, Sec. 6): ``simple_animals`` (45 common animals,
 used for the aesthetic task) and ``nouns_activities`` ("<animal> <activity>", the prompt-alignment
 task's "a(n) [animal] [activity]" template). The toy world's fixed splits are
-``toy_{train,heldout}_{single,pair,all}`` (see :mod:`diffrl.toyworld`).
+``toy_{train,heldout}_{single,pair,all,geneval}`` (see :mod:`diffrl.toyworld`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ BUILTIN_PROMPTS = {
     **{
         f"toy_{split}_{kind}": (lambda split=split, kind=kind: toyworld.prompts(split, kind))
         for split in ("train", "heldout")
-        for kind in ("single", "pair", "all")
+        for kind in ("single", "pair", "all", "geneval")
     },
 }
 

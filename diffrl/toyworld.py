@@ -11,6 +11,8 @@ held out (with every relation). Every single attribute value still appears in tr
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import random
 import re
@@ -131,9 +133,14 @@ def _is_heldout(scene: Scene, keys: tuple[set, set]) -> bool:
 
 
 def prompts(split: str = "train", kind: str = "single") -> list[str]:
-    """Captions of a split (``train`` | ``heldout``) and kind (``single`` | ``pair`` | ``all``)."""
-    if split not in ("train", "heldout") or kind not in ("single", "pair", "all"):
-        raise ValueError(f"split must be train|heldout and kind single|pair|all, got {split!r}, {kind!r}")
+    """Captions of a split (``train`` | ``heldout``) and kind (``single`` | ``pair`` | ``all``
+    (single and pair) | ``geneval`` (GenEval's six tasks, :func:`geneval_rows`))."""
+    if split not in ("train", "heldout") or kind not in ("single", "pair", "all", "geneval"):
+        raise ValueError(
+            f"split must be train|heldout and kind single|pair|all|geneval, got {split!r}, {kind!r}"
+        )
+    if kind == "geneval":
+        return [row["prompt"] for row in geneval_rows(split)]
     scenes = {"single": _all_singles(), "pair": _all_pairs(), "all": _all_singles() + _all_pairs()}[kind]
     keys = _heldout_keys()
     return [caption(s) for s in scenes if _is_heldout(s, keys) == (split == "heldout")]
@@ -169,7 +176,10 @@ def _pair_centres(relation: str, rng: random.Random) -> tuple[tuple[float, float
 
 
 def render(prompt: str, seed: int = 0) -> np.ndarray:
-    """Render a caption as a uint8 ``[SIZE, SIZE, 3]`` image (positions jittered by ``seed``)."""
+    """Render a caption (or a GenEval prompt, :func:`render_row`) as a uint8 ``[SIZE, SIZE, 3]``
+    image (positions jittered by ``seed``)."""
+    if prompt.startswith("a photo of"):
+        return render_row(geneval_row(prompt), seed)
     scene, rng = parse(prompt), random.Random(seed)
     image = np.empty((SIZE, SIZE, 3), np.uint8)
     image[:] = BACKGROUND
@@ -190,3 +200,153 @@ def render_batch(prompts_: list[str], seed: int = 0) -> torch.Tensor:
     """Float images ``[B, 3, SIZE, SIZE]`` in [0, 1], image i rendered with seed ``seed + i``."""
     arrays = np.stack([render(p, seed + i) for i, p in enumerate(prompts_)])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255
+
+
+# ---------------------------------------------------------------------------- GenEval's six tasks
+#
+# Prompts follow GenEval's templates; each row carries GenEval's metadata (diffrl.geneval) and is
+# rendered from it. The image stays 32 px: four objects of 7-9 px fit a 2 x 2 grid of 16 px cells
+# with gaps between them (so a connected-component detector separates them), the ×4 VAE keeps
+# each of them 2 x 2 latent cells, and the CPU pretraining budget (pixels per step) and the
+# shipped model's size stay what they are; 48 or 64 px would cost 2.25-4x both.
+
+NUMBERS = ("one", "two", "three", "four")
+GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
+CELLS = ((8, 8), (24, 8), (8, 24), (24, 24))
+"""Centres of the 2 x 2 grid of cells that multi-object scenes place objects in."""
+_GENEVAL_SEED = 20261202
+
+
+def _plural(shape: str, n: int) -> str:
+    return shape if n == 1 else shape + "s"
+
+
+def _geneval_all() -> dict[str, list[dict]]:
+    """Every GenEval-style row of the toy world, by task (``tag``)."""
+    pairs = list(itertools.permutations(SHAPES, 2))
+    rows = {
+        "single_object": [
+            {"prompt": f"a photo of a {s}", "include": [{"class": s, "count": 1}]} for s in SHAPES
+        ],
+        "two_object": [
+            {
+                "prompt": f"a photo of a {a} and a {b}",
+                "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+            }
+            for a, b in itertools.combinations(SHAPES, 2)
+        ],
+        "counting": [
+            {
+                "prompt": f"a photo of {NUMBERS[n - 1]} {_plural(s, n)}",
+                "include": [{"class": s, "count": n}],
+                "exclude": [{"class": s, "count": n + 1}],
+            }
+            for s in SHAPES
+            for n in range(1, 5)
+        ],
+        "colors": [
+            {"prompt": f"a photo of a {c} {s}", "include": [{"class": s, "count": 1, "color": c}]}
+            for c in COLORS
+            for s in SHAPES
+        ],
+        "position": [
+            {
+                "prompt": f"a photo of a {a} {r} a {b}",
+                "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [r, 0]}],
+            }
+            for a, b in pairs
+            for r in GENEVAL_RELATIONS
+        ],
+        "color_attr": [
+            {
+                "prompt": f"a photo of a {ca} {a} and a {cb} {b}",
+                "include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
+            }
+            for a, b in pairs
+            for ca, cb in itertools.permutations(COLORS, 2)
+        ],
+    }
+    return {tag: [{"tag": tag, **row} for row in task] for tag, task in rows.items()}
+
+
+def _values(row: dict) -> set:
+    """The single attribute values a row states (each must still be seen in training)."""
+    values = set()
+    for item in row["include"]:
+        values |= {("class", item["class"]), ("count", item["count"]), ("color", item.get("color"))}
+        if "position" in item:
+            values.add(("relation", item["position"][0]))
+    return values
+
+
+def _geneval_heldout() -> set[str]:
+    """Held-out prompts: a fixed HELDOUT_FRACTION of the combinations of counting (shape, number),
+    colors (colour, shape), position (shape, relation, shape) and color_attr rows, drawn so that
+    every single value still occurs in training. single_object and two_object have no combination
+    beyond the shapes themselves, so they hold none out."""
+    rng, heldout = random.Random(_GENEVAL_SEED), set()
+    for tag, rows in _geneval_all().items():
+        if tag in ("single_object", "two_object"):
+            continue
+        while True:
+            chosen = rng.sample(rows, round(HELDOUT_FRACTION * len(rows)))
+            train_values = set().union(*(_values(r) for r in rows if r not in chosen))
+            if set().union(*(_values(r) for r in rows)) <= train_values:
+                break
+        heldout |= {r["prompt"] for r in chosen}
+    return heldout
+
+
+def geneval_rows(split: str = "heldout") -> list[dict]:
+    """GenEval-layout rows of a split, all six tasks: ``train`` (rendered in pretraining) or
+    ``heldout`` (the combinations never rendered, plus single_object and two_object, which have
+    none); ``all`` is both."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be train|heldout|all, got {split!r}")
+    heldout = _geneval_heldout()
+    rows = [row for task in _geneval_all().values() for row in task]
+    if split == "all":
+        return rows
+    keep_all = ("single_object", "two_object")
+    return [r for r in rows if r["tag"] in keep_all or ((r["prompt"] in heldout) == (split == "heldout"))]
+
+
+def geneval_row(prompt: str) -> dict:
+    """The GenEval row of a toy-world GenEval prompt; raises ``ValueError`` naming it otherwise."""
+    row = _rows_by_prompt().get(" ".join(prompt.lower().split()))
+    if row is None:
+        raise ValueError(f"not a toy-world GenEval prompt: {prompt!r}")
+    return copy.deepcopy(row)
+
+
+@functools.cache
+def _rows_by_prompt() -> dict[str, dict]:
+    return {r["prompt"]: r for task in _geneval_all().values() for r in task}
+
+
+def render_row(row: dict, seed: int = 0) -> np.ndarray:
+    """Render a GenEval row of the toy world as a uint8 ``[SIZE, SIZE, 3]`` image: single-object
+    scenes one large object near the centre; the others their objects in distinct cells of the
+    2 x 2 grid (jittered), a position row's object on the stated side of its target. Colours not
+    stated are drawn at random."""
+    rng = random.Random(seed)
+    image = np.empty((SIZE, SIZE, 3), np.uint8)
+    image[:] = BACKGROUND
+    objects = [(item, k) for item in row["include"] for k in range(item["count"])]
+    if row["tag"] in ("single_object", "colors"):
+        (item, _), half = objects[0], rng.uniform(5.5, 7.0)
+        centres = [(16 + rng.uniform(-3, 3), 16 + rng.uniform(-3, 3))]
+    elif row["tag"] == "position":
+        relation = row["include"][1]["position"][0]
+        mover, target = _pair_centres(
+            {"left of": "to the left of", "right of": "to the right of"}.get(relation, relation), rng
+        )
+        centres, half = [target, mover], None
+    else:
+        cells = rng.sample(CELLS, len(objects))
+        centres, half = [(x + rng.uniform(-1.5, 1.5), y + rng.uniform(-1.5, 1.5)) for x, y in cells], None
+    for (item, _), (x, y) in zip(objects, centres):
+        color = item.get("color") or rng.choice(list(COLORS))
+        extent = half or rng.uniform(4.5, 5.2)
+        image[_shape_mask(item["class"], x, y, extent)] = COLORS[color]
+    return image

@@ -39,11 +39,16 @@ from diffrl.testing import SD_SCHEDULE, _byte_alphabet
 from diffrl.types import SamplerSettings
 
 MAX_TOKENS = 77
+GENEVAL_FRACTION = 0.4
+"""Share of GenEval-task scenes (diffrl.toyworld.geneval_rows) among the training renders."""
 
 
 def toy_tokenizer(folder: Path) -> CLIPTokenizer:
     """CLIP BPE tokenizer: the byte alphabet plus every toy-world word as a single token."""
-    words = sorted({w for p in tw.prompts("train", "all") + tw.prompts("heldout", "all") for w in p.split()})
+    kinds = ("all", "geneval")
+    words = sorted(
+        {w for s in ("train", "heldout") for k in kinds for p in tw.prompts(s, k) for w in p.split()}
+    )
     symbols = _byte_alphabet()
     vocab = symbols + [s + "</w>" for s in symbols]
     merges = []
@@ -103,11 +108,40 @@ def build_models(vocab_size: int):
     return vae, text_encoder, unet
 
 
-def training_prompts(n: int, gen: torch.Generator, pair_fraction: float) -> list[str]:
-    singles, pairs = tw.prompts("train", "single"), tw.prompts("train", "pair")
-    choose_pair = torch.rand(n, generator=gen) < pair_fraction
-    pick = lambda pool: pool[int(torch.randint(len(pool), (1,), generator=gen))]
-    return [pick(pairs) if p else pick(singles) for p in choose_pair.tolist()]
+def training_prompts(
+    n: int, gen: torch.Generator, pair_fraction: float, geneval_fraction: float
+) -> list[str]:
+    """``n`` training prompts: GenEval-task prompts with probability ``geneval_fraction``, else
+    pairs with probability ``pair_fraction``, else single objects (training splits only)."""
+    pools = [tw.prompts("train", kind) for kind in ("single", "pair", "geneval")]
+    u = torch.rand(n, generator=gen)
+    kinds = (u < geneval_fraction).long() * 2 + (
+        (u >= geneval_fraction) & (u < geneval_fraction + pair_fraction)
+    ).long()
+    pick = lambda pool: pool[int(torch.randint(len(pool), (1,), generator=gen))]  # noqa: E731
+    return [pick(pools[k]) for k in kinds.tolist()]
+
+
+GENEVAL_SETTINGS = {"num_steps": 25, "guidance_scale": 5.0, "eta": 0.0, "images_per_prompt": 4, "seed": 0}
+"""How the baseline's Toy-GenEval table is sampled (``diffrl eval tiny --suite toy-geneval`` with these)."""
+
+
+def geneval_baseline(pipe) -> dict:
+    """The Toy-GenEval table of ``pipe`` at :data:`GENEVAL_SETTINGS`, for baseline.json."""
+    from diffrl.evaluation import evaluate_suite
+    from diffrl.rewards.shapes import TOY_THRESHOLDS, detect_batch
+
+    s = GENEVAL_SETTINGS
+    table = evaluate_suite(
+        pipe,
+        tw.geneval_rows("heldout"),
+        detect_batch,
+        TOY_THRESHOLDS,
+        SamplerSettings(num_steps=s["num_steps"], guidance_scale=s["guidance_scale"], eta=s["eta"]),
+        images_per_prompt=s["images_per_prompt"],
+        seed=s["seed"],
+    )
+    return {"settings": GENEVAL_SETTINGS, "table": table}
 
 
 def train_vae(vae, steps: int, batch: int, gen: torch.Generator, log_every: int) -> None:
@@ -115,7 +149,7 @@ def train_vae(vae, steps: int, batch: int, gen: torch.Generator, log_every: int)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=5e-5)
     vae.train()
     for step in range(steps):
-        prompts = training_prompts(batch, gen, 0.3)
+        prompts = training_prompts(batch, gen, 0.3, GENEVAL_FRACTION)
         x = tw.render_batch(prompts, seed=int(torch.randint(1 << 30, (1,), generator=gen))) * 2 - 1
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
@@ -149,7 +183,7 @@ def check_vae(vae) -> None:
 
 @torch.no_grad()
 def encode_dataset(vae, size: int, gen: torch.Generator) -> tuple[list[str], torch.Tensor]:
-    prompts = training_prompts(size, gen, 0.25)
+    prompts = training_prompts(size, gen, 0.25, GENEVAL_FRACTION)
     latents = []
     for start in range(0, size, 256):
         chunk = prompts[start : start + 256]
@@ -266,6 +300,7 @@ def main() -> None:
     pipe.save_pretrained(args.out, safe_serialization=True)
     print(f"saved to {args.out} after {time.time() - t0:.0f}s", flush=True)
     report = evaluate(pipe, args.eval, args.seed)
+    report["geneval"] = geneval_baseline(pipe)
     print(json.dumps(report, indent=1))
     (Path(args.out) / "baseline.json").write_text(json.dumps(report, indent=1) + "\n")
 

@@ -110,6 +110,9 @@ BAD = [
         "no-model: not a diffusers pipeline folder",  # found before tiny-sd loads
     ),
     ("sample {tmp}/no-model", "no-model: not a diffusers pipeline folder"),
+    ("eval tiny-sd", "diffrl eval needs --prompts and --reward (or --suite toy-geneval|FILE.jsonl)"),
+    ("eval tiny-sd --suite {tmp}/missing.jsonl", "missing.jsonl: no such GenEval prompt file"),
+    ("eval tiny-sd --suite {tmp}/dup.yaml", "dup.yaml:1: Expecting value"),
     ("sample tiny-sd --M 0", "argument --M: must be in [1, inf), got 0"),
     ("sample tiny-sd --M many", "argument --M: expected an integer, got 'many'"),
     ("sample tiny-sd --alpha -1", "argument --alpha: must be in [0, inf), got -1"),

@@ -22,7 +22,7 @@ import torch
 from diffrl.errors import RewardError
 from diffrl.rewards.clip import aesthetic, clip_score
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
-from diffrl.rewards.shapes import shapes_alignment
+from diffrl.rewards.shapes import shapes_alignment, toy_geneval
 
 RewardFn = Callable[[torch.Tensor, list, list], torch.Tensor]
 
@@ -32,6 +32,7 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "aesthetic": aesthetic,
     "clip_score": clip_score,
     "shapes_alignment": shapes_alignment,
+    "toy_geneval": toy_geneval,
 }
 """Built-in reward factories by name."""
 
