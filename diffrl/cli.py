@@ -261,77 +261,60 @@ def resolve_train_config(
     return config
 
 
-def _eval_suite(args: argparse.Namespace) -> int:
-    """``diffrl eval MODEL... --suite toy-geneval|FILE.jsonl``: GenEval's per-task table."""
-    from diffrl import geneval
-    from diffrl.evaluation import check_model, evaluate_suite, load_for_eval, load_suite
-    from diffrl.rewards.shapes import TOY_THRESHOLDS, detect_batch
-    from diffrl.runfolder import writable_file
+def _eval_settings(args: argparse.Namespace, run_config) -> SamplerSettings:
+    """``diffrl eval``'s sampler: the arguments given, else the run's, else 20 steps, guidance 5, eta 1."""
+    sample = run_config.sample if run_config is not None else None
 
-    if args.json:
-        writable_file(args.json, "--json")
-    for model in args.models:
-        check_model(model)
-    rows = load_suite(args.suite)
-    results = {}
-    for model in args.models:
-        pipe, run_config = load_for_eval(model)
-        sample = run_config.sample if run_config is not None else None
-        settings = SamplerSettings(
-            num_steps=args.num_steps if args.num_steps is not None else (sample.num_steps if sample else 20),
-            guidance_scale=args.guidance_scale
-            if args.guidance_scale is not None
-            else (sample.guidance_scale if sample else 5.0),
-            eta=args.eta if args.eta is not None else (sample.eta if sample else 1.0),
-        )
-        results[model] = evaluate_suite(
-            pipe,
-            rows,
-            detect_batch,
-            TOY_THRESHOLDS,
-            settings,
-            images_per_prompt=args.images_per_prompt,
-            seed=args.seed,
-        )
-    print(geneval.markdown(results))
-    if args.json:
-        atomic_write_bytes(args.json, (json.dumps(results, indent=1) + "\n").encode())
-    return 0
+    def pick(value, key: str, default):
+        return value if value is not None else (getattr(sample, key) if sample else default)
+
+    return SamplerSettings(
+        num_steps=pick(args.num_steps, "num_steps", 20),
+        guidance_scale=pick(args.guidance_scale, "guidance_scale", 5.0),
+        eta=pick(args.eta, "eta", 1.0),
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from diffrl.evaluation import check_model, evaluate, load_for_eval, markdown_table
-
-    if args.suite:
-        return _eval_suite(args)
-    if not (args.prompts and args.reward):
-        raise ConfigError("diffrl eval needs --prompts and --reward (or --suite toy-geneval|FILE.jsonl)")
+    """``diffrl eval``: a reward on a prompt set, or a GenEval suite (``--suite``), per model."""
+    from diffrl import geneval
+    from diffrl.evaluation import (
+        check_model,
+        evaluate,
+        evaluate_suite,
+        load_for_eval,
+        load_suite,
+        markdown_table,
+    )
     from diffrl.prompts import load_prompts
+    from diffrl.rewards.shapes import TOY_THRESHOLDS, detect_batch
     from diffrl.runfolder import writable_file
 
+    if not args.suite and not (args.prompts and args.reward):
+        raise ConfigError("diffrl eval needs --prompts and --reward (or --suite toy-geneval|FILE.jsonl)")
     if args.json:
         writable_file(args.json, "--json")
     for model in args.models:
         check_model(model)
-    source = load_prompts(args.prompts)
-    reward_fn = rewards.get(args.reward)
+    if args.suite:
+        rows = load_suite(args.suite)
+    else:
+        source, reward_fn = load_prompts(args.prompts), rewards.get(args.reward)
     results = {}
     for model in args.models:
         pipe, run_config = load_for_eval(model)
-        sample = run_config.sample if run_config is not None else None
-        results[model] = evaluate(
-            pipe,
-            source.prompts,
-            reward_fn,
-            num_images=args.num_images,
-            num_steps=args.num_steps if args.num_steps is not None else (sample.num_steps if sample else 20),
-            guidance_scale=args.guidance_scale
-            if args.guidance_scale is not None
-            else (sample.guidance_scale if sample else 5.0),
-            eta=args.eta if args.eta is not None else (sample.eta if sample else 1.0),
-            seed=args.seed,
-        )
-    print(markdown_table(results))
+        settings = _eval_settings(args, run_config)
+        if args.suite:
+            results[model] = evaluate_suite(
+                pipe, rows, detect_batch, TOY_THRESHOLDS, settings,
+                images_per_prompt=args.images_per_prompt, seed=args.seed,
+            )  # fmt: skip
+        else:
+            results[model] = evaluate(
+                pipe, source.prompts, reward_fn, num_images=args.num_images, num_steps=settings.num_steps,
+                guidance_scale=settings.guidance_scale, eta=settings.eta, seed=args.seed,
+            )  # fmt: skip
+    print(geneval.markdown(results) if args.suite else markdown_table(results))
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(results, indent=1) + "\n").encode())
     return 0

@@ -103,10 +103,15 @@ def sample_epoch(
     dropped), the N metadata dicts, the seconds spent sampling and waiting for rewards."""
     s = config.sample
     trajectories, futures, metadata, t0 = [], [], [], time.perf_counter()
+    grouped = epoch_prompts(source, s.batch_size * s.num_batches_per_epoch, plan.group_size, streams.prompts)
     with ThreadPoolExecutor(max_workers=1) as pool:
         batches = range(s.num_batches_per_epoch)
-        for _ in progress(batches, f"{label}: sampling", accelerator.is_local_main_process):
-            prompts = source.sample(s.batch_size, streams.prompts)
+        for b in progress(batches, f"{label}: sampling", accelerator.is_local_main_process):
+            prompts = (
+                source.sample(s.batch_size, streams.prompts)
+                if grouped is None
+                else grouped[b * s.batch_size : (b + 1) * s.batch_size]
+            )
             with accelerator.autocast(), lora_merged(pipe.unet, merge):
                 traj = sample_batch(pipe, config, prompts, streams.sampling, plan)
             trajectories.append(traj)
@@ -121,6 +126,14 @@ def sample_epoch(
         local_rewards = torch.cat([f.result() for f in futures])
     t2 = time.perf_counter()
     return Rollouts(concat_trajectories(trajectories), local_rewards, metadata, t1 - t0, t2 - t1)
+
+
+def epoch_prompts(source, count: int, group_size: int, generator) -> list[str] | None:
+    """With ``group_size`` > 1, the epoch's ``count`` prompts as ``count / group_size`` draws,
+    each repeated ``group_size`` times in a row; None (draw per batch) otherwise."""
+    if group_size <= 1:
+        return None
+    return [p for p in source.sample(count // group_size, generator) for _ in range(group_size)]
 
 
 def metadata_means(metadata: list[dict], valid: torch.Tensor, accelerator) -> dict[str, float]:

@@ -23,6 +23,7 @@ from diffrl import algorithms
 from diffrl.algorithms.b2diffurl import B2DiffuRLConfig
 from diffrl.algorithms.d3po import D3POConfig
 from diffrl.algorithms.dpo import DPOConfig
+from diffrl.algorithms.grpo import GRPOConfig
 from diffrl.configfile import annotated_yaml, apply_overrides, build, leaf_keys, read_yaml_file, with_defaults
 from diffrl.errors import ConfigError, require
 
@@ -265,7 +266,8 @@ class Config:
     adv_clip_max 10, max_grad_norm 5, LoRA 8/8), D3PO (per-step DPO on pairs of chains that
     share x_T; unset keys take D3PO's defaults: 20 steps, lr 3e-5), or the offline preference
     methods Diffusion-DPO (dpo) and SePPO (seppo) on the images of ``dpo.data`` (lr 2e-5,
-    weight decay 1e-2)."""
+    weight decay 1e-2), or GRPO (grpo: groups of chains per prompt, group-relative advantages,
+    PPO's clip and an exact KL penalty to the pretrained model; section ``grpo``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -279,6 +281,8 @@ class Config:
     """β, clamp, group size, reference and preference source of D3PO (used when algorithm = d3po)."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """β, data and SePPO's references (used when algorithm = dpo or seppo)."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Group size, std and KL coefficient of GRPO (used when algorithm = grpo)."""
 
 
 # ---------------------------------------------------------------------------- checks and entry points

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 
 import torch
 from accelerate import Accelerator
@@ -18,10 +18,11 @@ from accelerate.utils import set_seed
 from diffrl.algorithms import Batch, Term
 from diffrl.errors import ConfigError
 from diffrl.guards import NonFiniteGuard, check_log_ratios, optimizer_step
+from diffrl.ops import gaussian_kl
 from diffrl.pipelines import load_pipeline
 from diffrl.progress import progress
 from diffrl.rollout import Transition
-from diffrl.types import Trajectory
+from diffrl.types import StepOutput, Trajectory
 
 MERGE_TOLERANCE = 1e-5
 """Largest mean |log ratio| at which ``sample.merge_lora: auto`` keeps sampling with merged LoRA."""
@@ -120,6 +121,14 @@ def step_log_prob(
     element-mean log-density of the next state given x_t under ``unet`` (the DDIM step, or an LCM's
     consistency step, guided as ``sample`` and ``train.cfg`` say); ``[B]`` float32 (with gradient
     unless called under no_grad)."""
+    return step_output(unet, pipe, traj, samples, steps, config, accelerator).log_prob
+
+
+def step_output(
+    unet, pipe, traj: Trajectory, samples: torch.Tensor, steps: torch.Tensor, config, accelerator
+) -> StepOutput:
+    """The policy's step at the stored states of :func:`step_log_prob`: its Gaussian (mean
+    ``[B, C, h, w]``, std) and the log-prob ``[B]`` of the stored actions."""
     s = config.sample
     negative = traj.negative_prompt_embeds if config.train.cfg else None
     x_t, x_next, t = traj.latents[samples, steps], traj.latents[samples, steps + 1], traj.timesteps[steps]
@@ -128,7 +137,7 @@ def step_log_prob(
         noise_pred = transition.noise_pred(
             x_t, t, traj.prompt_embeds[samples], None if negative is None else negative[samples], unet=unet
         )
-    return transition.step(noise_pred, t, x_t, prev_sample=x_next).log_prob
+    return transition.step(noise_pred, t, x_t, prev_sample=x_next)
 
 
 # ============================================================================ the update
@@ -206,15 +215,23 @@ class Learner:
     ) -> torch.Tensor:
         """log πθ ``[B]`` of the stored actions of ``samples [B]`` at ``steps [B]`` under the
         training UNet (or ``unet``): :func:`step_log_prob`."""
+        return self.step(traj, samples, steps, unet).log_prob
+
+    def step(self, traj: Trajectory, samples: torch.Tensor, steps: torch.Tensor, unet=None) -> StepOutput:
+        """The training UNet's (or ``unet``'s) step Gaussian at the stored states: :func:`step_output`."""
         unet = unet if unet is not None else self.unet
-        return step_log_prob(unet, self.pipe, traj, samples, steps, self.config, self.accelerator)
+        return step_output(unet, self.pipe, traj, samples, steps, self.config, self.accelerator)
+
+    def reference_step(self, traj: Trajectory, samples: torch.Tensor, steps: torch.Tensor) -> StepOutput:
+        """:meth:`step` under the frozen pretrained model (LoRA disabled), without gradient."""
+        with torch.no_grad(), adapters_disabled(self.pipe.unet):
+            return self.step(traj, samples, steps, unet=self.pipe.unet)
 
     def reference_log_prob(
         self, traj: Trajectory, samples: torch.Tensor, steps: torch.Tensor
     ) -> torch.Tensor:
         """log-probs ``[B]`` of the stored actions under the frozen pretrained model (LoRA disabled)."""
-        with torch.no_grad(), adapters_disabled(self.pipe.unet):
-            return self.log_prob(traj, samples, steps, unet=self.pipe.unet)
+        return self.reference_step(traj, samples, steps).log_prob
 
     def update(self, compute_loss, where: str, term: str) -> dict[str, float]:
         """One accumulated loss term: ``compute_loss() -> (loss, {name: 0-dim stat})`` and its
@@ -289,12 +306,15 @@ class Learner:
         def term(items: torch.Tensor, steps: torch.Tensor, ok: torch.Tensor, weight: float, check: bool):
             samples = batch.members[items].T.reshape(-1)  # member-major: [k·B]
             steps_k = steps.repeat(k)
-            log_prob = self.log_prob(traj, samples, steps_k).view(k, -1).T  # [B, k]
+            out = self.step(traj, samples, steps_k)
+            log_prob = out.log_prob.view(k, -1).T  # [B, k]
             old = traj.log_probs[samples, steps_k].view(k, -1).T
             if check:
                 self.check_ratios((log_prob - old).flatten(), epoch)
-            reference = lambda: self.reference_log_prob(traj, samples, steps_k).view(k, -1).T  # noqa: E731
-            loss, stats = loss_fn(Term(items, steps, ok, log_prob, old, reference), batch, self.config)
+            ref = cache(lambda: self.reference_step(traj, samples, steps_k))  # one pass for both
+            reference = lambda: ref().log_prob.view(k, -1).T  # noqa: E731
+            kl = lambda: gaussian_kl(out.mean, out.std, ref().mean, ref().std).view(k, -1).T  # noqa: E731
+            loss, stats = loss_fn(Term(items, steps, ok, log_prob, old, reference, kl), batch, self.config)
             return loss * weight, stats
 
         def measure():

@@ -101,6 +101,24 @@ def gaussian_logprob(
     return elementwise.mean(dim=1) if reduction == "mean" else elementwise.sum(dim=1)
 
 
+def gaussian_kl(
+    mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor, std_q: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)) of diagonal Gaussians, per element
+    log(s_q / s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2, then the mean over the non-batch
+    elements (the element-mean convention of :func:`gaussian_logprob`).
+
+    Args:
+        mean_p, mean_q: ``[B, ...]``; std_p, std_q: positive, broadcastable to them.
+
+    Returns:
+        ``[B]`` float32 (differentiable in every input).
+    """
+    mean_p, mean_q, std_p, std_q = mean_p.float(), mean_q.float(), std_p.float(), std_q.float()
+    elementwise = torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5
+    return elementwise.expand_as(mean_p).flatten(1).mean(dim=1)
+
+
 def eps_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample mean squared error over non-batch elements, ``[B, ...]`` x2 -> ``[B]`` float32
     (the diffusion loss term of Diffusion-DPO / SePPO)."""

@@ -1,6 +1,7 @@
 """Reliability: crash safety (SIGKILL at several points, SIGTERM), numerical faults, reward
 faults, bad input caught before any model loads, and untrusted files."""
 
+import dataclasses
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ from diffrl.config import load_config
 from diffrl.errors import InputFileError, NumericalError, PipelineNotFoundError, RewardError
 from diffrl.files import read_jsonl
 from diffrl.guards import check_log_ratios
-from diffrl.learner import step_log_prob
+from diffrl.learner import step_log_prob, step_output
 from diffrl.rollout import sample_trajectories
 from diffrl.trainer import train
 from diffrl.types import SamplerSettings
@@ -212,18 +213,19 @@ def test_training_checks_the_first_term_of_every_epoch_without_an_extra_unet_cal
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return step_log_prob(*args, **kwargs)
+        return step_output(*args, **kwargs)
 
-    monkeypatch.setattr(learner_module, "step_log_prob", counted)
+    monkeypatch.setattr(learner_module, "step_output", counted)
     train(_config(tmp_path, "counted", "run.num_epochs=2"))
     assert len(calls) == 2 * 2
 
     def drifted(*args, **kwargs):  # the training forward disagrees with the sampler from epoch 1 on
         calls.append(1)
-        return step_log_prob(*args, **kwargs) + (0.05 if len(calls) > 2 else 0.0)
+        out = step_output(*args, **kwargs)
+        return dataclasses.replace(out, log_prob=out.log_prob + (0.05 if len(calls) > 2 else 0.0))
 
     calls.clear()
-    monkeypatch.setattr(learner_module, "step_log_prob", drifted)
+    monkeypatch.setattr(learner_module, "step_output", drifted)
     with pytest.raises(NumericalError, match=r"epoch 1: re-scoring stored actions .* of 0.05 > "):
         train(_config(tmp_path, "drifted", "run.num_epochs=2"))
     assert len(calls) == 3  # epoch 1 stopped at its first term, before any update

@@ -39,6 +39,7 @@ REGISTRY: dict[str, str] = {
     "d3po": "diffrl.algorithms.d3po",
     "dpo": "diffrl.algorithms.dpo",
     "seppo": "diffrl.algorithms.seppo",
+    "grpo": "diffrl.algorithms.grpo",
 }
 """Registered names -> modules (a line per method)."""
 
@@ -47,12 +48,14 @@ REGISTRY: dict[str, str] = {
 class Plan:
     """What one epoch samples. Chains run their first ``branch_step`` steps once and continue in
     ``num_branches`` branches from there (:func:`diffrl.rollout.sample_branches`); training covers
-    steps ``branch_step..T-1``. ``checkpoint`` asks for a checkpoint after the epoch whatever
-    ``run.save_freq`` says (a run that waits for labels resumes from it)."""
+    steps ``branch_step..T-1``. ``group_size`` > 1 draws each prompt once for that many
+    consecutive chains (independent noise; GRPO's groups). ``checkpoint`` asks for a checkpoint
+    after the epoch whatever ``run.save_freq`` says (a run that waits for labels resumes from it)."""
 
     branch_step: int = 0
     num_branches: int = 1
     checkpoint: bool = False
+    group_size: int = 1
 
 
 @dataclass
@@ -117,6 +120,9 @@ class Term:
         old_log_prob: ``[B, k]`` the log-probs stored at sampling time.
         reference: ``() -> [B, k]``, log-probs under the frozen pretrained model (LoRA disabled),
             without gradient; computed only when called.
+        kl: ``() -> [B, k]``, the exact KL(πθ || π_ref) of the step Gaussians at the stored states
+            (element mean, :func:`diffrl.ops.gaussian_kl`), with gradient through πθ; computed only
+            when called (the reference pass is shared with ``reference``).
     """
 
     rows: torch.Tensor
@@ -125,6 +131,7 @@ class Term:
     log_prob: torch.Tensor
     old_log_prob: torch.Tensor
     reference: Callable[[], torch.Tensor]
+    kl: Callable[[], torch.Tensor]
 
 
 @dataclass(frozen=True)

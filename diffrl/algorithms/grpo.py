@@ -1,0 +1,124 @@
+"""GRPO on the denoising MDP: group-relative advantages, PPO's clip, and an exact KL penalty to the
+pretrained model (Shao et al. 2024, DeepSeekMath, Sec. 4.1; on diffusion and flow samplers: Liu et
+al. 2025, Flow-GRPO, Sec. 4, and Xue et al. 2025, DanceGRPO, which also trains SD 1.x).
+
+Each epoch draws every prompt once for G chains (:class:`~diffrl.algorithms.Plan`'s
+``group_size``, independent noise). A chain's advantage is its reward against its group's
+(Flow-GRPO Eq. 4):
+
+    A_i = (r_i - mean_{j in g(i)} r_j) / (std + eps),   std = the group's, or the whole batch's
+                                                        (``grpo.global_std``, Flow-GRPO's SD3 configs)
+
+broadcast to every step of the chain; groups whose rewards are all equal give A = 0 and are not
+trained. The loss per trained step is PPO's clipped surrogate on the element-mean log-prob ratio
+(:func:`diffrl.algorithms.ddpo.ppo_loss`) plus β·KL(π_θ || π_ref), π_ref the same UNet with its
+LoRA adapters disabled. The KL is the exact KL of the two step Gaussians at the stored state
+(:func:`diffrl.ops.gaussian_kl`): with the shared std σ_t of the sampler it is
+mean((μ_θ − μ_ref)²) / (2σ_t²) over the latent's elements. Flow-GRPO's code computes
+β·mean((μ_θ − μ_ref)²)/(2s²) with s the SDE's noise level before its √|Δ| scaling, which omits
+the 1/|Δ| factor of the exact KL; here the penalty is the KL itself, so β means the same at
+every step and on every sampler.
+
+With ``grpo.beta: 0`` and groups of one this is DDPO without its reward history: one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffrl.algorithms import Batch, Context, Plan, Rollouts, Term, gather, per_sample
+from diffrl.algorithms.ddpo import ppo_loss
+from diffrl.algorithms.ddpo import validate as validate_batches
+from diffrl.errors import require
+
+SECTION = "grpo"
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8
+    """G: chains per prompt per epoch (Flow-GRPO: 24); divides the epoch's samples per process."""
+    global_std: bool = False
+    """Divide advantages by the whole gathered batch's reward std instead of each group's."""
+    beta: float = 0.04
+    """β of the KL penalty to the LoRA-disabled reference (Flow-GRPO GenEval 0.04; 0 turns it off)."""
+    std_eps: float = 1e-4
+    """eps added to the std of the advantage (Flow-GRPO: 1e-4)."""
+
+    def validate(self) -> None:
+        require(self.group_size >= 2, "grpo.group_size", f"must be >= 2, got {self.group_size}")
+        require(self.beta >= 0, "grpo.beta", f"must be >= 0, got {self.beta}")
+        require(self.std_eps > 0, "grpo.std_eps", f"must be > 0, got {self.std_eps}")
+
+
+Config = GRPOConfig
+
+
+def validate(config) -> None:
+    """Whole groups and whole optimizer steps per epoch."""
+    s, g = config.sample, config.grpo
+    samples = s.batch_size * s.num_batches_per_epoch
+    require(
+        samples % g.group_size == 0,
+        "grpo.group_size",
+        f"{g.group_size} must divide sample.batch_size * sample.num_batches_per_epoch = {samples}",
+    )
+    require(
+        g.beta == 0 or config.model.use_lora,
+        "grpo.beta",
+        f"{g.beta} needs model.use_lora: true (the reference is the UNet with its LoRA adapters "
+        "disabled; full fine-tuning keeps no frozen copy); or grpo.beta: 0",
+    )
+    validate_batches(config)
+
+
+def plan(config, epoch: int) -> Plan:
+    """Groups of ``grpo.group_size`` independent chains per prompt, every step trained."""
+    return Plan(group_size=config.grpo.group_size)
+
+
+def group_advantages(prompts: list[str], rewards: torch.Tensor, global_std: bool, eps: float) -> torch.Tensor:
+    """``(r - group mean) / (std + eps)`` for gathered ``rewards [N]`` (NaN: dropped, advantage 0)
+    grouped by prompt; std is the group's population std, or the whole batch's. ``[N]`` float32."""
+    rewards = rewards.double()
+    finite = torch.isfinite(rewards)
+    advantages = torch.zeros_like(rewards)
+    batch_std = rewards[finite].std(unbiased=False)
+    for prompt in dict.fromkeys(p for p, keep in zip(prompts, finite.tolist()) if keep):
+        members = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        members = members[finite[members]]
+        group = rewards[members]
+        std = batch_std if global_std else group.std(unbiased=False)
+        advantages[members] = (group - group.mean()) / (std + eps)
+    return advantages.float()
+
+
+def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
+    """Group-relative advantages of the gathered epoch; chains with A = 0 (a group of equal
+    rewards, or a dropped reward) are not trained."""
+    g = ctx.config.grpo
+    gathered = gather(ctx, rollouts, epoch)
+    advantages = group_advantages(gathered.prompts, gathered.rewards, g.global_std, g.std_eps)
+    trained = gathered.finite & (advantages != 0)
+    batch = per_sample(advantages, trained, gathered)
+    batch.metrics["frac_zero_advantage"] = 1.0 - trained.float().mean().item()
+    return batch
+
+
+def loss(term: Term, batch: Batch, config) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate plus β times the exact step KL to the reference (both averaged over
+    the term's valid items)."""
+    t, beta = config.train, config.grpo.beta
+    advantages = batch.values["advantages"][batch.members[term.rows, 0]]
+    value, stats = ppo_loss(
+        term.log_prob[:, 0], term.old_log_prob[:, 0], advantages, t.clip_range, t.adv_clip_max, term.valid
+    )
+    out = {"approx_kl": stats.approx_kl, "clipfrac": stats.clipfrac}
+    if beta > 0:
+        weight = term.valid.to(value.device, torch.float32)
+        kl = (term.kl()[:, 0] * weight).sum() / weight.sum().clamp(min=1.0)
+        value = value + beta * kl
+        out["kl"] = kl.detach()
+    return value, out

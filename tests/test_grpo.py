@@ -1,0 +1,140 @@
+"""GRPO (issue #22, the DDIM policy): the exact step KL against torch.distributions, group
+advantages by hand, grouped prompt draws, the trainer's KL term against an independent
+computation, and a run that raises the Toy-GenEval reward."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from diffrl.algorithms import Batch
+from diffrl.algorithms.grpo import group_advantages
+from diffrl.cli import resolve_train_config
+from diffrl.collect import epoch_prompts
+from diffrl.config import load_config
+from diffrl.errors import ConfigError
+from diffrl.files import read_jsonl
+from diffrl.learner import build_learner
+from diffrl.ops import gaussian_kl
+from diffrl.prompts import load_prompts
+from diffrl.rollout import sample_trajectories
+from diffrl.run import Streams
+from diffrl.trainer import train
+from diffrl.types import SamplerSettings
+
+ROOT = Path(__file__).parent.parent
+CONFIG = str(ROOT / "configs" / "grpo" / "tiny_geneval.yaml")
+
+
+def test_gaussian_kl_is_the_exact_kl_per_element_averaged():
+    g = torch.Generator().manual_seed(0)
+    mean_p, mean_q = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    std_p = torch.rand(3, 1, 1, 1, generator=g) + 0.1
+    std_q = torch.rand(3, 4, 5, 5, generator=g) + 0.1
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean_p, std_p.expand_as(mean_p)), torch.distributions.Normal(mean_q, std_q)
+    )
+    torch.testing.assert_close(gaussian_kl(mean_p, std_p, mean_q, std_q), expected.flatten(1).mean(1))
+    shared = std_p  # the sampler's case: one std for both
+    torch.testing.assert_close(
+        gaussian_kl(mean_p, shared, mean_q, shared),
+        ((mean_p - mean_q) ** 2 / (2 * shared**2)).flatten(1).mean(1),
+    )
+    assert gaussian_kl(mean_p, shared, mean_p, shared).abs().max() < 1e-6
+
+
+def test_group_advantages_by_hand():
+    prompts = ["a", "a", "a", "b", "b", "b", "c", "c"]
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 4.0, float("nan"), 5.0, 5.0])
+    adv = group_advantages(prompts, rewards, global_std=False, eps=1e-4)
+    std_a = torch.tensor([1.0, 2.0, 3.0]).std(unbiased=False)
+    torch.testing.assert_close(adv[:3], (torch.tensor([1.0, 2.0, 3.0]) - 2.0) / (std_a + 1e-4))
+    torch.testing.assert_close(
+        adv[3:5], torch.tensor([-1.0, 1.0]) * 2 / (2 + 1e-4)
+    )  # the dropped one left out
+    assert adv[5] == 0 and adv[6:].tolist() == [0.0, 0.0]  # dropped; a group of equal rewards
+    finite = torch.isfinite(rewards)
+    glob = group_advantages(prompts, rewards, global_std=True, eps=1e-4)
+    std = rewards[finite].std(unbiased=False)
+    torch.testing.assert_close(glob[:3], (torch.tensor([1.0, 2.0, 3.0]) - 2.0) / (std + 1e-4))
+
+
+def test_the_epoch_draws_each_prompt_once_per_group():
+    source = load_prompts([f"p{i}" for i in range(50)])
+    prompts = epoch_prompts(source, 24, 8, torch.Generator().manual_seed(0))
+    assert len(prompts) == 24 and all(len(set(prompts[i : i + 8])) == 1 for i in range(0, 24, 8))
+    assert epoch_prompts(source, 24, 1, torch.Generator()) is None  # DDPO's per-batch draws stay as they were
+    with pytest.raises(ConfigError, match=r"grpo.group_size: 5 must divide sample.batch_size"):
+        load_config(CONFIG, ["grpo.group_size=5"])
+    with pytest.raises(ConfigError, match=r"grpo.group_size: must be >= 2"):
+        load_config(CONFIG, ["grpo.group_size=1"])
+    with pytest.raises(ConfigError, match=r"grpo.beta: 0.04 needs model.use_lora: true"):
+        load_config(CONFIG, ["model.use_lora=false"])
+
+
+def test_the_kl_term_is_the_kl_between_the_policy_and_the_reference_steps(tmp_path):
+    config = resolve_train_config(
+        CONFIG, ["sample.num_steps=3", "sample.batch_size=4", "train.batch_size=2", "grpo.group_size=2",
+                 "train.gradient_accumulation_steps=1", f"run.output_dir={tmp_path}"], None,
+    )  # fmt: skip
+    accelerator = Accelerator(cpu=True)
+    learner = build_learner(config, accelerator)
+    pipe = learner.pipe
+    with torch.no_grad():  # a non-zero adapter, so that the policy differs from the reference
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    traj = sample_trajectories(
+        pipe, ["a photo of a circle"] * 4, SamplerSettings(num_steps=3, guidance_scale=5.0, eta=1.0),
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    seen = []
+
+    def capture(term, batch, config):
+        seen.append((term.rows.clone(), term.steps.clone(), term.kl().detach()))
+        return term.log_prob.mean() * 0, {}
+
+    batch = Batch(
+        members=torch.arange(4)[:, None], trained=torch.ones(4, dtype=torch.bool), rewards=torch.zeros(4)
+    )
+    learner.train_epoch(capture, batch, traj, Streams.seeded(0, 0), 0, "test")
+    assert seen
+    for rows, steps, kl in seen:  # members are single chains (k = 1): sample = row
+        with torch.no_grad():
+            policy = learner.step(traj, rows, steps)
+            reference = learner.reference_step(traj, rows, steps)
+        expected = ((policy.mean - reference.mean) ** 2 / (2 * policy.std**2)).flatten(1).mean(1)
+        assert expected.min() > 0
+        torch.testing.assert_close(kl[:, 0], expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_grpo_raises_a_learnable_reward_and_its_kl_grows_as_the_policy_leaves(tmp_path, monkeypatch):
+    """Brightness is learnable by the random tiny UNet (as DDPO's test in test_trainer.py): GRPO
+    with groups of 4 must raise it under full fine-tuning (β = 0, no frozen copy); with LoRA and
+    β > 0 the KL to the adapter-free reference starts near 0 and grows as the policy moves."""
+    (tmp_path / "bright.py").write_text(
+        "def brightness(images, prompts, metadata):\n    return images.mean(dim=(1, 2, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = [
+        "reward.name=bright:brightness", "prompts.source=toy_train_single", "model.pretrained=tiny-sd",
+        "sample.num_steps=10", "sample.batch_size=16", "train.batch_size=8", "train.gradient_accumulation_steps=1",
+        "grpo.group_size=4", "run.save_freq=100", f"run.output_dir={tmp_path}",
+    ]  # fmt: skip
+    full = [
+        "run.name=full",
+        "run.num_epochs=8",
+        "grpo.beta=0",
+        "model.use_lora=false",
+        "train.learning_rate=1e-3",
+    ]
+    train(resolve_train_config(CONFIG, [*common, *full], None))
+    rewards = [r["reward_mean"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.015, rewards
+
+    lora = ["run.name=lora", "run.num_epochs=4", "grpo.beta=0.04", "train.learning_rate=1e-2"]
+    train(resolve_train_config(CONFIG, [*common, *lora], None))
+    kl = [r["kl"] for r in read_jsonl(tmp_path / "lora" / "metrics.jsonl")]
+    assert kl[0] < kl[-1] and kl[0] < 0.01, kl
