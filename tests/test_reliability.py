@@ -478,6 +478,35 @@ def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(point, count,
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and not (run / "lora.tmp").exists()
 
 
+GRPO = str(ROOT / "configs" / "grpo" / "tiny_geneval.yaml")
+GRPO_CRASH = [
+    "sample.num_steps=4", "sample.batch_size=8", "train.batch_size=4", "train.gradient_accumulation_steps=1",
+    "grpo.group_size=4", "prompts.source=toy_train_single", "reward.name=jpeg_compressibility",
+    "run.num_epochs=3", "run.save_freq=1", "run.deterministic=true",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_grpo_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
+    """GRPO's state (grouped prompt draws, the KL's reference pass) resumes crash-exact too:
+    killed at epoch 1's reward call (the grid, epoch 0 and epoch 1 make one call each)."""
+    train(resolve_train_config(GRPO, [*GRPO_CRASH, f"run.output_dir={tmp_path}", "run.name=ref"], None))
+    args = [GRPO, *GRPO_CRASH, f"run.output_dir={tmp_path}", "run.name=crash"]
+    killed = subprocess.run(
+        [sys.executable, str(HERE / "fault_train.py"), "reward", "3", *args],
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run = tmp_path / "crash"
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0], "killed in epoch 1"
+    train(resolve_train_config(None, [], str(run)))
+    for name, tensor in _weights(tmp_path / "ref", 2).items():
+        assert torch.equal(tensor, _weights(run, 2)[name]), name
+    assert _metrics(run) == _metrics(tmp_path / "ref")
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_epoch_and_exits(tmp_path):
     args = [
