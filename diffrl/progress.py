@@ -1,8 +1,10 @@
 """Where a run is, on a terminal and in cluster logs alike.
 
-On a TTY a phase shows a tqdm bar; without one (a batch job's log) it prints a line when it starts
-and one every :data:`HEARTBEAT` seconds while it lasts, so that a slow full-size run is never
-silent. Epochs are counted from 1 here (``epoch k/N``); ``metrics.jsonl`` counts them from 0.
+On a TTY a phase shows a tqdm bar; without one (a batch job's log) a phase that lasts longer than
+:data:`FIRST_LINE` seconds prints a line then and one every :data:`HEARTBEAT` seconds while it
+lasts, so that a slow full-size run is never silent and a fast one (seconds per epoch) prints
+only its epoch lines. Epochs are counted from 1 here (``epoch k/N``); ``metrics.jsonl`` counts
+them from 0.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from collections.abc import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
+FIRST_LINE = 5.0
+"""Seconds into a phase before its first progress line without a TTY (0: a line at its start)."""
 HEARTBEAT = 30.0
-"""Seconds between the progress lines of a phase without a TTY."""
+"""Seconds between the progress lines of a phase after the first."""
 
 
 def clock(seconds: float) -> str:
@@ -28,8 +32,9 @@ def clock(seconds: float) -> str:
 
 def progress(items: Iterable, label: str, enabled: bool, unit: str = "batches") -> Iterator:
     """Yield ``items`` while showing ``label`` (e.g. ``epoch 3/10: sampling``): a tqdm bar on a
-    TTY, else a start line and a line every :data:`HEARTBEAT` seconds on stderr
-    (``epoch 3/10: sampling, 5/16 batches, 1m02s``). Nothing when not ``enabled``."""
+    TTY, else lines on stderr after :data:`FIRST_LINE` seconds and every :data:`HEARTBEAT`
+    seconds after that (``epoch 3/10: sampling, 5/16 batches, 1m02s``). Nothing when not
+    ``enabled``."""
     items = list(items)
     if not enabled:
         yield from items
@@ -38,16 +43,22 @@ def progress(items: Iterable, label: str, enabled: bool, unit: str = "batches") 
         yield from tqdm(items, desc=label, leave=False)
         return
     done, start, stop = 0, time.monotonic(), threading.Event()
-    print(f"{label}: {len(items)} {unit}", file=sys.stderr, flush=True)
+
+    def say() -> None:
+        print(
+            f"{label}, {done}/{len(items)} {unit}, {clock(time.monotonic() - start)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def beat() -> None:
-        while not stop.wait(HEARTBEAT):
-            print(
-                f"{label}, {done}/{len(items)} {unit}, {clock(time.monotonic() - start)}",
-                file=sys.stderr,
-                flush=True,
-            )
+        wait = FIRST_LINE if FIRST_LINE > 0 else HEARTBEAT
+        while not stop.wait(wait):
+            wait = HEARTBEAT
+            say()
 
+    if FIRST_LINE <= 0:  # announce every phase at its start
+        say()
     thread = threading.Thread(target=beat, daemon=True, name="diffrl-progress")
     thread.start()
     try:
