@@ -299,13 +299,13 @@ def validate(config: Config) -> Config:
         section.validate()
     s, t = config.sample, config.train
     require(
-        s.eta > 0 or algorithm.offline or algorithm.model != "ddim",
+        s.eta > 0 or algorithm.offline or "ddim" not in algorithm.models,
         "sample.eta",
         f"must be > 0 for {config.algorithm}, which trains on step log-probabilities; eta={s.eta} makes "
         "the DDIM step deterministic (no density)",
     )
     algorithm.validate(config)
-    actions = s.num_steps - 1 if algorithm.model == "lcm" else s.num_steps
+    actions = s.num_steps - 1 if "lcm" in algorithm.models else s.num_steps  # an LCM's last step is no action
     require(
         int(actions * t.timestep_fraction) >= 1,
         "train.timestep_fraction",

@@ -60,7 +60,7 @@ def preflight(config, algorithm, device: torch.device):
         runfolder.check_new_run(config)
     info = inspect_pipeline(config.model.pretrained, revision=config.model.revision)
     family = "lcm" if info.is_lcm else "ddim"
-    if not algorithm.offline and family != algorithm.model:
+    if not algorithm.offline and family not in algorithm.models:
         fits = ", ".join(algorithms.trained_on(family))
         raise ConfigError(
             f"algorithm={config.algorithm}: model.pretrained={config.model.pretrained} is "

@@ -109,6 +109,23 @@ def test_the_kl_term_is_the_kl_between_the_policy_and_the_reference_steps(tmp_pa
         torch.testing.assert_close(kl[:, 0], expected, rtol=1e-4, atol=1e-7)
 
 
+def test_grpo_trains_a_latent_consistency_model_too(tmp_path):
+    """On the shipped tiny LCM: the epoch's first term passes the ratio check (the consistency
+    step's stored log-probs re-score under the training pass) and the policy leaves the reference."""
+    from diffrl import algorithms
+
+    assert "grpo" in algorithms.trained_on("lcm") and "grpo" in algorithms.trained_on("ddim")
+    overrides = [
+        "model.pretrained=tiny-lcm", "sample.num_steps=4", "sample.batch_size=8", "train.batch_size=4",
+        "train.gradient_accumulation_steps=1", "grpo.group_size=4", "reward.name=jpeg_compressibility",
+        "prompts.source=toy_train_single", "run.num_epochs=2", "run.save_freq=100", f"run.output_dir={tmp_path}",
+    ]  # fmt: skip
+    train(resolve_train_config(CONFIG, overrides, None))
+    records = read_jsonl(tmp_path / "grpo_tiny_geneval" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1] and records[1]["num_trained"] > 0
+    assert 0 < records[0]["kl"] < records[1]["kl"], [r["kl"] for r in records]
+
+
 @pytest.mark.slow
 def test_grpo_raises_a_learnable_reward_and_its_kl_grows_as_the_policy_leaves(tmp_path, monkeypatch):
     """Brightness is learnable by the random tiny UNet (as DDPO's test in test_trainer.py): GRPO

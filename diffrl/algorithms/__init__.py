@@ -11,7 +11,8 @@ in every checkpoint when it has ``state_dict``/``load_state_dict``), ``collect(c
 sample)`` (how the epoch's rollouts are obtained; default: sample them), ``validate(config)``
 (checks of the whole config, before any model loads), ``DEFAULTS`` (values for the keys a
 config leaves unset), ``SECTION`` (the name of its config section, whose dataclass the module's
-``Config`` is) and ``MODEL`` (``"ddim"`` or ``"lcm"``: the sampler family it trains).
+``Config`` is) and ``MODEL`` (``"ddim"``, ``"lcm"`` or a tuple of both: the sampler families it
+trains).
 
 An **offline** module (``OFFLINE = True``: Diffusion-DPO, SePPO) exports ``setup`` and
 ``term(ctx, learner, batch, streams) -> closure`` instead; :mod:`diffrl.offline` runs it.
@@ -141,7 +142,8 @@ class Algorithm:
     name: str
     module: ModuleType
     offline: bool
-    model: str
+    models: tuple[str, ...]
+    """The sampler families it trains (``ddim``, ``lcm``)."""
     section: str | None
     defaults: dict
     validate: Callable
@@ -179,7 +181,7 @@ def get(name: str) -> Algorithm:
         name=name,
         module=module,
         offline=offline,
-        model=getattr(module, "MODEL", "ddim"),
+        models=_families(getattr(module, "MODEL", "ddim")),
         section=getattr(module, "SECTION", None),
         defaults=getattr(module, "DEFAULTS", {}),
         validate=getattr(module, "validate", lambda config: None),
@@ -189,10 +191,15 @@ def get(name: str) -> Algorithm:
     )
 
 
+def _families(model) -> tuple[str, ...]:
+    """``MODEL`` as a tuple of sampler families."""
+    return (model,) if isinstance(model, str) else tuple(model)
+
+
 def trained_on(model: str) -> list[str]:
     """The registered online algorithms that train the ``model`` sampler family (``ddim``, ``lcm``)."""
     algorithms = [get(name) for name in REGISTRY]
-    return [a.name for a in algorithms if not a.offline and a.model == model]
+    return [a.name for a in algorithms if not a.offline and model in a.models]
 
 
 def register(name: str, module_path: str) -> None:

@@ -20,6 +20,7 @@ the 1/|Δ| factor of the exact KL; here the penalty is the KL itself, so β mean
 every step and on every sampler.
 
 With ``grpo.beta: 0`` and groups of one this is DDPO without its reward history: one code path.
+It trains the DDIM sampler and a latent consistency model's (RLCM's policy) alike.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from diffrl.algorithms.ddpo import validate as validate_batches
 from diffrl.errors import require
 
 SECTION = "grpo"
+MODEL = ("ddim", "lcm")
+"""GRPO trains the DDIM sampler and a latent consistency model's (:mod:`diffrl.policies.lcm`)."""
 
 
 @dataclass
