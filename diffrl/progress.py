@@ -1,10 +1,11 @@
 """Where a run is, on a terminal and in cluster logs alike.
 
-On a TTY a phase shows a tqdm bar; without one (a batch job's log) a phase that lasts longer than
-:data:`FIRST_LINE` seconds prints a line then and one every :data:`HEARTBEAT` seconds while it
-lasts, so that a slow full-size run is never silent and a fast one (seconds per epoch) prints
-only its epoch lines. Epochs are counted from 1 here (``epoch k/N``); ``metrics.jsonl`` counts
-them from 0.
+On a TTY a phase shows a tqdm bar; without one (a batch job's log) a phase prints a line when it
+starts (the first time a phase of its name runs in this process, and whenever the previous one
+lasted :data:`FIRST_LINE` seconds or more), a line once it has lasted :data:`FIRST_LINE` seconds
+and one every :data:`HEARTBEAT` seconds after that. A slow full-size run is never silent; a fast
+one (seconds per epoch) prints its first epoch's phases and then only its epoch lines. Epochs
+are counted from 1 here (``epoch k/N``); ``metrics.jsonl`` counts them from 0.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Iterable, Iterator
 from tqdm.auto import tqdm
 
 FIRST_LINE = 5.0
-"""Seconds into a phase before its first progress line without a TTY (0: a line at its start)."""
+"""Seconds after which a phase is long: it prints a line then, and the next phase of its name
+announces its start."""
 HEARTBEAT = 30.0
 """Seconds between the progress lines of a phase after the first."""
 
@@ -32,9 +34,8 @@ def clock(seconds: float) -> str:
 
 def progress(items: Iterable, label: str, enabled: bool, unit: str = "batches") -> Iterator:
     """Yield ``items`` while showing ``label`` (e.g. ``epoch 3/10: sampling``): a tqdm bar on a
-    TTY, else lines on stderr after :data:`FIRST_LINE` seconds and every :data:`HEARTBEAT`
-    seconds after that (``epoch 3/10: sampling, 5/16 batches, 1m02s``). Nothing when not
-    ``enabled``."""
+    TTY, else lines on stderr as the module docstring says (``epoch 3/10: sampling, 5/16
+    batches, 1m02s``). Nothing when not ``enabled``."""
     items = list(items)
     if not enabled:
         yield from items
@@ -43,6 +44,7 @@ def progress(items: Iterable, label: str, enabled: bool, unit: str = "batches") 
         yield from tqdm(items, desc=label, leave=False)
         return
     done, start, stop = 0, time.monotonic(), threading.Event()
+    phase = label.split(": ", 1)[-1]
 
     def say() -> None:
         print(
@@ -52,12 +54,12 @@ def progress(items: Iterable, label: str, enabled: bool, unit: str = "batches") 
         )
 
     def beat() -> None:
-        wait = FIRST_LINE if FIRST_LINE > 0 else HEARTBEAT
+        wait = FIRST_LINE
         while not stop.wait(wait):
             wait = HEARTBEAT
             say()
 
-    if FIRST_LINE <= 0:  # announce every phase at its start
+    if _LONG.get(phase, True):  # its first run, or the last one was long
         say()
     thread = threading.Thread(target=beat, daemon=True, name="diffrl-progress")
     thread.start()
@@ -67,6 +69,11 @@ def progress(items: Iterable, label: str, enabled: bool, unit: str = "batches") 
             done += 1
     finally:
         stop.set()
+        _LONG[phase] = time.monotonic() - start >= FIRST_LINE
+
+
+_LONG: dict[str, bool] = {}
+"""Per phase name (``sampling``, ``training``), whether its last run in this process was long."""
 
 
 class EpochClock:

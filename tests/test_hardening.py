@@ -388,29 +388,32 @@ def test_a_reward_cannot_modify_the_images_or_overflow_the_statistics():
 # ---------------------------------------------------------------------------- progress without a TTY
 
 
-def test_progress_without_a_tty_prints_heartbeats_during_a_long_phase(monkeypatch, capsys):
+def test_progress_without_a_tty_announces_long_phases_and_beats_during_them(monkeypatch, capsys):
+    monkeypatch.setattr(progress_module, "_LONG", {})
     monkeypatch.setattr(progress_module, "FIRST_LINE", 0.1)
     monkeypatch.setattr(progress_module, "HEARTBEAT", 0.05)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     for _ in progress_module.progress(range(3), "epoch 2/5: sampling", True):
         time.sleep(0.2)
     lines = capsys.readouterr().err.splitlines()
-    assert lines and all(line.startswith("epoch 2/5: sampling, ") for line in lines), lines
-    assert len(lines) >= 3 and lines[-1].split(", ")[1] in ("2/3 batches", "3/3 batches"), lines
-    monkeypatch.setattr(progress_module, "FIRST_LINE", 5.0)
-    for _ in progress_module.progress(range(3), "epoch 3/5: sampling", True):  # a short phase: silent
-        pass
+    assert lines[0] == "epoch 2/5: sampling, 0/3 batches, 0s", lines  # the first sampling: announced
+    assert all(line.startswith("epoch 2/5: sampling, ") for line in lines) and len(lines) >= 4, lines
+    assert lines[-1].split(", ")[1] in ("2/3 batches", "3/3 batches"), lines
+    list(progress_module.progress(range(3), "epoch 3/5: sampling", True))  # after a long one: announced
+    assert capsys.readouterr().err == "epoch 3/5: sampling, 0/3 batches, 0s\n"
+    list(progress_module.progress(range(3), "epoch 4/5: sampling", True))  # after a short one: silent
     assert capsys.readouterr().err == ""
 
 
 def test_a_run_without_a_tty_says_where_it_is(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(progress_module, "FIRST_LINE", 0.0)  # every phase "long": a line at once
+    monkeypatch.setattr(progress_module, "_LONG", {})
     _train(tmp_path, "run.num_epochs=2")
     out, err = capsys.readouterr()
     assert (
         "diffrl: loading tiny-sd" in out and "diffrl: sampling the fixed-seed grid samples/before.png" in err
     )
-    assert "epoch 1/2: sampling, " in err and "epoch 2/2: training, " in err, err
+    assert "epoch 1/2: sampling, 0/1 batches" in err and "epoch 1/2: training, 0/1 minibatches" in err, err
+    assert "epoch 2/2: sampling" not in err, "fast phases are announced once"
     epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert epoch_lines[0].startswith("epoch 1/2: reward ") and ", ETA " in epoch_lines[0]
     assert epoch_lines[1].startswith("epoch 2/2: reward ") and epoch_lines[1].endswith(", done")
