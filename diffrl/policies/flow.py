@@ -88,7 +88,7 @@ def flow_step_with_logprob(
         at_one = s >= 1
         if bool(at_one.any()) and sigma_after_one is None:
             raise ValueError("the SDE step at sigma = 1 needs sigma_after_one (the schedule's second sigma)")
-        tilde = torch.where(at_one, _column(sigma_after_one if sigma_after_one is not None else 0.0, x), s)
+        tilde = torch.where(at_one, _column(sigma_after_one, x), s) if bool(at_one.any()) else s
         level = noise_level * torch.sqrt(s / (1 - tilde))
         mean = x + (v + level**2 / (2 * s) * x1) * delta
         std = level * torch.sqrt(-delta)
