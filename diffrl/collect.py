@@ -15,6 +15,7 @@ from diffrl import rewards
 from diffrl.algorithms import Plan, Rollouts
 from diffrl.progress import progress
 from diffrl.rollout import concat_trajectories, sample_branches
+from diffrl.transitions import denoiser
 from diffrl.types import SamplerSettings, Trajectory
 
 
@@ -28,6 +29,8 @@ def sampler_settings(config) -> SamplerSettings:
         height=s.resolution,
         width=s.resolution,
         negative_prompt=s.negative_prompt,
+        flow_step=s.flow_step,
+        max_sequence_length=s.max_sequence_length,
     )
 
 
@@ -112,7 +115,7 @@ def sample_epoch(
                 if grouped is None
                 else grouped[b * s.batch_size : (b + 1) * s.batch_size]
             )
-            with accelerator.autocast(), lora_merged(pipe.unet, merge):
+            with accelerator.autocast(), lora_merged(denoiser(pipe), merge):
                 traj = sample_batch(pipe, config, prompts, streams.sampling, plan)
             trajectories.append(traj)
             batch_metadata = [{} for _ in traj.prompts]

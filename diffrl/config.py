@@ -63,7 +63,12 @@ class SampleConfig:
     num_steps: int = 50
     """T, DDIM sampler steps per trajectory."""
     eta: float = 1.0
-    """DDIM stochasticity; > 0 (1 = DDPM posterior) so that steps have log-probabilities."""
+    """DDIM stochasticity, > 0 (1 = DDPM posterior) so that steps have log-probabilities; for a flow
+    model (SD3, FLUX) the noise level a of its SDE/CPS step (Flow-GRPO: 0.7, FLUX 0.9)."""
+    flow_step: Literal["sde", "cps"] = "sde"
+    """A flow model's stochastic step: the Flow-GRPO SDE, or coefficients-preserving sampling."""
+    max_sequence_length: int | None = None
+    """T5 tokens per prompt for SD3/FLUX (default: the pipeline's, 256 for SD3, 512 for FLUX)."""
     guidance_scale: float = 5.0
     """Classifier-free guidance weight w."""
     batch_size: int = 8
@@ -94,6 +99,16 @@ class SampleConfig:
             f"must be in [1, 8192] pixels, got {self.resolution}",
         )
         require(0 <= self.eta <= 1, "sample.eta", f"must be in [0, 1] (1 = DDPM posterior), got {self.eta}")
+        require(
+            self.flow_step in ("sde", "cps"),
+            "sample.flow_step",
+            f"must be sde or cps, got {self.flow_step!r}",
+        )
+        require(
+            self.max_sequence_length is None or 1 <= self.max_sequence_length <= 4096,
+            "sample.max_sequence_length",
+            f"must be in [1, 4096] tokens, got {self.max_sequence_length}",
+        )
         require(
             0 <= self.guidance_scale <= 100,
             "sample.guidance_scale",

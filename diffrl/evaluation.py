@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffrl.config import load_config
 from diffrl.pipelines import inspect_pipeline, load_pipeline
 from diffrl.rollout import sample_trajectories
+from diffrl.transitions import denoiser
 from diffrl.types import SamplerSettings
 
 
@@ -25,15 +26,18 @@ def check_model(name_or_run: str):
         return None, None
     config = load_config(run / "config.yaml")
     inspect_pipeline(config.model.pretrained, revision=config.model.revision)
-    weights = next((run / name for name in ("lora", "unet") if (run / name).is_dir()), None)
+    weights = next((run / name for name in ("lora", "unet", "transformer") if (run / name).is_dir()), None)
     if weights is None:
-        raise FileNotFoundError(f"{run}: a run folder without trained weights (no lora/ or unet/)")
+        raise FileNotFoundError(
+            f"{run}: a run folder without trained weights (no lora/, unet/ or transformer/)"
+        )
     return config, weights
 
 
 def load_for_eval(name_or_run: str):
     """A pipeline by name/path, or a run folder's trained model: its base ``model.pretrained`` with
-    ``lora/`` loaded through diffusers (or its fully fine-tuned ``unet/``). Returns ``(pipe, run config | None)``."""
+    ``lora/`` loaded through diffusers (or its fully fine-tuned ``unet/`` or ``transformer/``).
+    Returns ``(pipe, run config | None)``."""
     config, weights = check_model(name_or_run)
     if config is None:
         return load_pipeline(name_or_run), None
@@ -41,9 +45,7 @@ def load_for_eval(name_or_run: str):
     if weights.name == "lora":
         pipe.load_lora_weights(str(weights))
     else:
-        from diffusers import UNet2DConditionModel
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(str(weights))
+        setattr(pipe, weights.name, type(denoiser(pipe)).from_pretrained(str(weights)))
     return pipe, config
 
 

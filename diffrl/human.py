@@ -4,8 +4,9 @@ With ``d3po.preferences: human`` every epoch's rollouts (each process's own) are
 
     RUN_DIR/rollouts/epoch_EEEE/rank_R/
         rollout.safetensors   latents [N, T+1, C, h, w], log_probs [N, T], prompt_embeds [N, L, D],
-                              negative_prompt_embeds [N, L, D] (when guided), timesteps [T],
-                              parents [N] (group of each sample), rewards [N] (NaN: dropped)
+                              negative_prompt_embeds [N, L, D] (when guided), the pooled ones
+                              [N, P] (SD3, FLUX), timesteps [T], parents [N] (group of each
+                              sample), rewards [N] (NaN: dropped)
         rollout.json          prompts, the groups (prompt, member sample indices, image files),
                               the reward metadata of each sample
         images/NNNN.png       the decoded images
@@ -35,9 +36,16 @@ from diffrl.algorithms.d3po import Pairs, group_pairs
 from diffrl.errors import InputFileError
 from diffrl.files import atomic_write_bytes, read_jsonl
 from diffrl.rewards.jpeg import to_uint8
-from diffrl.types import Trajectory
+from diffrl.types import Text, Trajectory
 
 ROLLOUT_FILES = ("rollout.safetensors", "rollout.json")
+TEXT_TENSORS = (
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
+"""The names in rollout.safetensors of a trajectory's :class:`~diffrl.types.Text` tensors, in its order."""
 
 
 def rollout_folder(run_dir: str | Path, epoch: int, rank: int) -> Path:
@@ -58,13 +66,13 @@ def save_rollouts(folder: Path, traj: Trajectory, rewards: torch.Tensor, metadat
     tensors = {
         "latents": traj.latents,
         "log_probs": traj.log_probs,
-        "prompt_embeds": traj.prompt_embeds,
         "timesteps": traj.timesteps,
         "parents": traj.parents,
         "rewards": rewards.float(),
     }
-    if traj.negative_prompt_embeds is not None:
-        tensors["negative_prompt_embeds"] = traj.negative_prompt_embeds
+    for name, tensor in zip(TEXT_TENSORS, traj.text.tensors()):
+        if tensor is not None:
+            tensors[name] = tensor
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "rollout.safetensors")
     )
@@ -100,8 +108,7 @@ def load_rollouts(folder: Path) -> tuple[Trajectory, torch.Tensor, list[dict]]:
     )
     traj = Trajectory(
         prompts=index["prompts"],
-        prompt_embeds=tensors["prompt_embeds"],
-        negative_prompt_embeds=tensors.get("negative_prompt_embeds"),
+        text=Text(*(tensors.get(name) for name in TEXT_TENSORS)),
         latents=tensors["latents"],
         timesteps=tensors["timesteps"],
         log_probs=tensors["log_probs"],

@@ -14,15 +14,17 @@ from functools import cache, partial
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers import UNet2DConditionModel
 
 from diffrl.algorithms import Batch, Term
+from diffrl.collect import sampler_settings
 from diffrl.errors import ConfigError
 from diffrl.guards import NonFiniteGuard, check_log_ratios, optimizer_step
 from diffrl.ops import gaussian_kl
 from diffrl.pipelines import load_pipeline
 from diffrl.progress import progress
-from diffrl.rollout import Transition
-from diffrl.types import StepOutput, Trajectory
+from diffrl.transitions import denoiser, text_encoders, transition_for
+from diffrl.types import StepOutput, Text, Trajectory
 
 MERGE_TOLERANCE = 1e-5
 """Largest mean |log ratio| at which ``sample.merge_lora: auto`` keeps sampling with merged LoRA."""
@@ -31,9 +33,13 @@ MERGE_TOLERANCE = 1e-5
 
 
 def set_attention(unet, backend: str, device: torch.device) -> None:
-    """xformers when asked (or on auto when usable), else torch scaled-dot-product attention."""
+    """xformers when asked (or on auto when usable), else torch scaled-dot-product attention. A
+    flow transformer (SD3, FLUX) keeps its own joint-attention processors, which are torch SDPA
+    (``model.attention: xformers`` is refused for it in preflight)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    if not isinstance(unet, UNet2DConditionModel):
+        return
     usable = device.type == "cuda" and importlib.util.find_spec("xformers") is not None
     if backend == "xformers" or (backend == "auto" and usable):
         unet.enable_xformers_memory_efficient_attention()
@@ -41,11 +47,13 @@ def set_attention(unet, backend: str, device: torch.device) -> None:
         unet.set_attn_processor(AttnProcessor2_0())
 
 
-def prepare_unet(pipe, config, weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    """Freeze what is not trained, attach LoRA (peft) or unfreeze the UNet; returns the trainable
-    parameters, always float32 (master weights under mixed precision)."""
+def prepare_denoiser(pipe, config, weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Freeze what is not trained, attach LoRA (peft) to the denoiser (UNet or flow transformer) or
+    unfreeze it; returns the trainable parameters, always float32 (master weights under mixed
+    precision)."""
     m = config.model
-    frozen = [pipe.vae, pipe.text_encoder] + ([pipe.unet] if m.use_lora else [])
+    model = denoiser(pipe)
+    frozen = [pipe.vae, *text_encoders(pipe)] + ([model] if m.use_lora else [])
     for module in frozen:
         module.requires_grad_(False)
         if weight_dtype != torch.float32:
@@ -53,7 +61,7 @@ def prepare_unet(pipe, config, weight_dtype: torch.dtype) -> list[torch.nn.Param
     if m.use_lora:
         from peft import LoraConfig
 
-        pipe.unet.add_adapter(
+        model.add_adapter(
             LoraConfig(
                 r=m.lora_rank,
                 lora_alpha=m.lora_alpha,
@@ -62,14 +70,16 @@ def prepare_unet(pipe, config, weight_dtype: torch.dtype) -> list[torch.nn.Param
             )
         )
     else:
-        pipe.unet.requires_grad_(True)
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+        model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ConfigError(f"model.lora_target_modules={m.lora_target_modules} matched no UNet module")
+        raise ConfigError(
+            f"model.lora_target_modules={m.lora_target_modules} matched no module of the {type(model).__name__}"
+        )
     for p in params:
         p.data = p.data.float()
     if m.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     return params
 
 
@@ -88,17 +98,18 @@ def make_optimizer(params: list, config) -> torch.optim.AdamW:
 
 
 def build_learner(config, accelerator: Accelerator) -> Learner:
-    """Load the pipeline, attach what is trained, build AdamW and let accelerate wrap the UNet
+    """Load the pipeline, attach what is trained, build AdamW and let accelerate wrap the denoiser
     (LoRA lives inside the DDP module, so its gradients are all-reduced)."""
     m = config.model
     set_seed(config.run.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.mixed_precision]
     pipe = load_pipeline(m.pretrained, revision=m.revision, device=accelerator.device)
-    set_attention(pipe.unet, m.attention, accelerator.device)
-    params = prepare_unet(pipe, config, weight_dtype)
-    if m.compile:  # in place: pipe.unet stays the same module (LoRA saving, merging, adapters)
-        pipe.unet.compile()
-    unet, optimizer = accelerator.prepare(pipe.unet, make_optimizer(params, config))
+    model = denoiser(pipe)
+    set_attention(model, m.attention, accelerator.device)
+    params = prepare_denoiser(pipe, config, weight_dtype)
+    if m.compile:  # in place: the pipeline keeps the same module (LoRA saving, merging, adapters)
+        model.compile()
+    unet, optimizer = accelerator.prepare(model, make_optimizer(params, config))
     return Learner(
         unet, pipe, optimizer, params, accelerator, NonFiniteGuard(config.train.max_nonfinite_steps), config
     )
@@ -106,7 +117,7 @@ def build_learner(config, accelerator: Accelerator) -> Learner:
 
 @contextmanager
 def adapters_disabled(unet):
-    """The UNet without its LoRA adapters inside the block: the frozen pretrained model."""
+    """The denoiser without its LoRA adapters inside the block: the frozen pretrained model."""
     unet.disable_adapters()
     try:
         yield unet
@@ -118,9 +129,9 @@ def step_log_prob(
     unet, pipe, traj: Trajectory, samples: torch.Tensor, steps: torch.Tensor, config, accelerator
 ):
     """log π of stored actions: for ``samples [B]`` at their step indices ``steps [B]``, the
-    element-mean log-density of the next state given x_t under ``unet`` (the DDIM step, or an LCM's
-    consistency step, guided as ``sample`` and ``train.cfg`` say); ``[B]`` float32 (with gradient
-    unless called under no_grad)."""
+    element-mean log-density of the next state given x_t under ``unet`` (the denoiser: the DDIM
+    step, an LCM's consistency step or the flow step, guided as ``sample`` and ``train.cfg`` say);
+    ``[B]`` float32 (with gradient unless called under no_grad)."""
     return step_output(unet, pipe, traj, samples, steps, config, accelerator).log_prob
 
 
@@ -129,14 +140,13 @@ def step_output(
 ) -> StepOutput:
     """The policy's step at the stored states of :func:`step_log_prob`: its Gaussian (mean
     ``[B, C, h, w]``, std) and the log-prob ``[B]`` of the stored actions."""
-    s = config.sample
-    negative = traj.negative_prompt_embeds if config.train.cfg else None
+    text = traj.text.select(samples)
+    if not config.train.cfg:
+        text = Text(text.embeds, text.pooled)
     x_t, x_next, t = traj.latents[samples, steps], traj.latents[samples, steps + 1], traj.timesteps[steps]
-    transition = Transition(pipe, s.guidance_scale, s.eta)
+    transition = transition_for(pipe, sampler_settings(config))
     with accelerator.autocast():
-        noise_pred = transition.noise_pred(
-            x_t, t, traj.prompt_embeds[samples], None if negative is None else negative[samples], unet=unet
-        )
+        noise_pred = transition.noise_pred(x_t, t, text, unet=unet)
     return transition.step(noise_pred, t, x_t, prev_sample=x_next)
 
 
@@ -185,8 +195,8 @@ def auto_timesteps_per_pass(
 
 @dataclass
 class Learner:
-    """The trainable policy and what updates it: the accelerate-wrapped UNet (``pipe.unet`` is the
-    same weights unwrapped), the AdamW over ``params``, and the non-finite guard.
+    """The trainable policy and what updates it: the accelerate-wrapped denoiser ``unet`` (a UNet
+    or a flow transformer; ``denoiser(pipe)`` is the same weights unwrapped), the AdamW over ``params``, and the non-finite guard.
 
     ``merge_sampling`` says whether rollouts fold LoRA into the base weights (``sample.merge_lora``;
     ``auto`` turns it off for good once the ratio check measures more than :data:`MERGE_TOLERANCE`)."""
@@ -224,8 +234,9 @@ class Learner:
 
     def reference_step(self, traj: Trajectory, samples: torch.Tensor, steps: torch.Tensor) -> StepOutput:
         """:meth:`step` under the frozen pretrained model (LoRA disabled), without gradient."""
-        with torch.no_grad(), adapters_disabled(self.pipe.unet):
-            return self.step(traj, samples, steps, unet=self.pipe.unet)
+        model = denoiser(self.pipe)
+        with torch.no_grad(), adapters_disabled(model):
+            return self.step(traj, samples, steps, unet=model)
 
     def reference_log_prob(
         self, traj: Trajectory, samples: torch.Tensor, steps: torch.Tensor
@@ -301,7 +312,9 @@ class Learner:
         num_steps, k = traj.num_steps, batch.members.shape[1]
         span = num_steps - batch.first_step
         num_train_steps = int(span * t.timestep_fraction)
-        self.pipe.scheduler.set_timesteps(self.config.sample.num_steps, device=accelerator.device)
+        transition_for(self.pipe, sampler_settings(self.config)).schedule(
+            self.config.sample.num_steps, traj.latents[:1, 0]
+        )
 
         def term(items: torch.Tensor, steps: torch.Tensor, ok: torch.Tensor, weight: float, check: bool):
             samples = batch.members[items].T.reshape(-1)  # member-major: [k·B]

@@ -1,7 +1,7 @@
 """Numerical building blocks shared by every policy and loss, and the kernel dispatch.
 
-All log-probabilities in diffrl go through :func:`gaussian_logprob` (or the fused step
-:func:`ddim_step_logprob`). The convention (DESIGN.md) is the **element mean**: the Gaussian
+All log-probabilities in diffrl go through :func:`gaussian_logprob` (or the fused affine step
+:func:`fused_affine_step_logprob`, which serves the DDIM, LCM and flow steps alike). The convention (DESIGN.md) is the **element mean**: the Gaussian
 log-density of a latent averaged over its C*h*w elements, as in DDPO. Summing instead makes
 exp(log-ratio) overflow for realistic latent sizes, which is why DDPO-style PPO clip ranges are
 ~1e-4 (they assume ``reduction="mean"``).
@@ -133,7 +133,7 @@ def eps_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred.float() - target.float()) ** 2).flatten(1).mean(dim=1)
 
 
-def fused_ddim_step_logprob(
+def fused_affine_step_logprob(
     sample: torch.Tensor,
     model_output: torch.Tensor,
     a: torch.Tensor,
@@ -144,9 +144,11 @@ def fused_ddim_step_logprob(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused affine Gaussian step (``triton_kernels.ddim_step_logprob``): mean = a x + b model_output.
 
-    The DDIM policy (:func:`diffrl.policies.ddim.ddim_step_with_logprob`) calls this when
-    :func:`use_triton` allows and x_0 is neither clipped nor thresholded; its own numbered steps are
-    the reference. Shapes: ``sample``, ``model_output``, ``noise``/``prev_sample`` ``[B, ...]``;
+    Every sampler step of diffrl is affine in (x_t, model output) with one (a, b, std) per sample:
+    the DDIM policy (:func:`diffrl.policies.ddim.ddim_step_with_logprob`, when x_0 is neither
+    clipped nor thresholded), the consistency step (:mod:`diffrl.policies.lcm`) and the flow SDE
+    and CPS steps (:func:`diffrl.policies.flow.flow_step_with_logprob`) call this when
+    :func:`use_triton` allows; their torch code is the reference. Shapes: ``sample``, ``model_output``, ``noise``/``prev_sample`` ``[B, ...]``;
     ``a``, ``b``, ``std`` one value per sample. Returns ``(mean float32, prev_sample in sample's
     dtype, log_prob [B] float32)``; gradients flow to ``model_output`` through ``log_prob``.
     """

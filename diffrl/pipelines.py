@@ -1,8 +1,9 @@
 """Loading diffusion pipelines by name: Stable Diffusion 1.x/2.x, latent consistency models,
-and the built-in models that ship with diffrl (no download)."""
+SD3/SD3.5 and FLUX.1, and the built-in models that ship with diffrl (no download)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,12 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
     LatentConsistencyModelPipeline,
     LCMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -24,14 +29,33 @@ from diffrl.errors import PipelineNotFoundError
 BUILTIN_PIPELINES: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sd": testing.tiny_sd_pipeline,
     "tiny-lcm-random": testing.tiny_lcm_pipeline,
+    "tiny-sd3-random": testing.tiny_sd3_pipeline,
+    "tiny-flux-random": testing.tiny_flux_pipeline,
 }
 """Names that :func:`load_pipeline` resolves without any file: randomly initialised tiny models."""
+
+_BUILTIN_FAMILIES = {
+    "tiny-sd": "ddim",
+    "tiny-lcm-random": "lcm",
+    "tiny-sd3-random": "flow",
+    "tiny-flux-random": "flow",
+}
 
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED_PIPELINES = {"tiny": ASSETS / "tiny", "tiny-lcm": ASSETS / "tiny-lcm"}
 """Pretrained pipelines shipped inside the package (diffusers folders, loaded with from_pretrained).
 ``tiny``: a ~2M-parameter text-to-image model of the toy world (scripts/pretrain_tiny.py);
 ``tiny-lcm``: its latent consistency distillation (scripts/distill_tiny_lcm.py)."""
+
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
+"""Flow-matching pipeline classes (``model_index.json``'s ``_class_name``) and what loads them."""
+
+DENOISERS = defaultdict(
+    lambda: UNet2DConditionModel,
+    StableDiffusion3Pipeline=SD3Transformer2DModel,
+    FluxPipeline=FluxTransformer2DModel,
+)
+"""The denoiser class of each pipeline class (a UNet unless named)."""
 
 
 def _read_model_index(name_or_path: str, revision: str | None, local_files_only: bool) -> dict:
@@ -61,42 +85,55 @@ def _read_model_index(name_or_path: str, revision: str | None, local_files_only:
 class PipelineInfo:
     """What a pipeline is, read from its config files alone (no weights loaded)."""
 
-    is_lcm: bool
-    """A latent consistency model (LCMScheduler, guidance embedding) rather than SD with DDIM."""
+    family: str
+    """The sampler family: ``ddim`` (SD 1.x/2.x), ``lcm`` (latent consistency model, LCMScheduler)
+    or ``flow`` (SD3/SD3.5, FLUX: a flow-matching transformer)."""
     vae_scale_factor: int
     """Pixels per latent cell along each side (8 for Stable Diffusion)."""
     resolution: int
-    """Native image side in pixels (UNet sample size x VAE factor)."""
+    """Native image side in pixels (denoiser sample size x VAE factor)."""
     latent_channels: int = 4
-    """Channels of the latents the UNet denoises."""
+    """Channels of the latents the denoiser works on (unpacked: FLUX's 64 packed are 16)."""
+
+
+def _family(index: dict) -> str:
+    name = index.get("_class_name", "")
+    if name in FLOW_PIPELINES:
+        return "flow"
+    return "lcm" if "LatentConsistency" in name or "LCM" in str(index.get("scheduler", "")) else "ddim"
 
 
 def inspect_pipeline(
     name_or_path: str, *, revision: str | None = None, local_files_only: bool = False
 ) -> PipelineInfo:
-    """Resolve a pipeline name and read its ``model_index.json``, ``vae/config.json`` and
-    ``unet/config.json`` without loading weights, so that a missing model or an incompatible
-    resolution is reported before anything heavy starts. Raises :class:`PipelineNotFoundError`."""
+    """Resolve a pipeline name and read its ``model_index.json``, ``vae/config.json`` and the
+    denoiser's ``config.json`` (``unet/`` or ``transformer/``) without loading weights, so that a
+    missing model or an incompatible resolution is reported before anything heavy starts. Raises
+    :class:`PipelineNotFoundError`."""
     if name_or_path in BUILTIN_PIPELINES:
-        return PipelineInfo(name_or_path == "tiny-lcm-random", 4, testing.TINY_RESOLUTION)
+        return PipelineInfo(_BUILTIN_FAMILIES[name_or_path], 4, testing.TINY_RESOLUTION)
     name_or_path = str(SHIPPED_PIPELINES.get(name_or_path, name_or_path))
     index = _read_model_index(name_or_path, revision, local_files_only)
-    is_lcm = "LatentConsistency" in index.get("_class_name", "") or "LCM" in str(index.get("scheduler", ""))
+    family = _family(index)
+    part = "transformer" if family == "flow" else "unet"
     try:
         vae = AutoencoderKL.load_config(
             name_or_path, subfolder="vae", revision=revision, local_files_only=local_files_only
         )
-        unet = UNet2DConditionModel.load_config(
-            name_or_path, subfolder="unet", revision=revision, local_files_only=local_files_only
+        model = DENOISERS[index.get("_class_name", "")].load_config(
+            name_or_path, subfolder=part, revision=revision, local_files_only=local_files_only
         )
     except (OSError, ValueError) as err:
         raise PipelineNotFoundError(
-            f"{name_or_path}: its vae/config.json or unet/config.json cannot be read ({err})"
+            f"{name_or_path}: its vae/config.json or {part}/config.json cannot be read ({err})"
         ) from err
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    sample_size = unet["sample_size"]
+    sample_size = model.get("sample_size", 128)  # FLUX's transformer has none: its pipeline's default
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-    return PipelineInfo(is_lcm, factor, sample_size * factor, unet.get("in_channels", 4))
+    channels = model.get("in_channels", 4)
+    if index.get("_class_name") == "FluxPipeline":  # 2x2-packed: 64 token channels, 16 latent ones
+        channels //= 4
+    return PipelineInfo(family, factor, sample_size * factor, channels)
 
 
 def load_pipeline(
@@ -108,12 +145,16 @@ def load_pipeline(
     local_files_only: bool = False,
     **kwargs,
 ) -> DiffusionPipeline:
-    """Load a pipeline ready for diffrl: SD with a ``DDIMScheduler``, or an LCM with its ``LCMScheduler``.
+    """Load a pipeline ready for diffrl: SD with a ``DDIMScheduler``, an LCM with its
+    ``LCMScheduler``, SD3/SD3.5 (``StableDiffusion3Pipeline``) or FLUX.1 (``FluxPipeline``) with
+    their own ``FlowMatchEulerDiscreteScheduler``.
 
     Args:
         name_or_path: a shipped model (``tiny``, ``tiny-lcm``), a built-in random test model
-            (``tiny-sd``, ``tiny-lcm-random``), a local diffusers folder, or a
-            hub id (``CompVis/stable-diffusion-v1-4``, ``SimianLuo/LCM_Dreamshaper_v7``).
+            (``tiny-sd``, ``tiny-lcm-random``, ``tiny-sd3-random``, ``tiny-flux-random``), a local
+            diffusers folder, or a hub id (``CompVis/stable-diffusion-v1-4``,
+            ``SimianLuo/LCM_Dreamshaper_v7``, ``stabilityai/stable-diffusion-3.5-medium``,
+            ``black-forest-labs/FLUX.1-dev``).
         revision: hub revision; torch_dtype: weights dtype; device: where to move the pipeline.
         local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
         **kwargs: passed to ``from_pretrained`` (``variant=...``).
@@ -127,19 +168,18 @@ def load_pipeline(
         if torch_dtype is not None:
             pipe.to(dtype=torch_dtype)
     else:
-        is_lcm = inspect_pipeline(name_or_path, revision=revision, local_files_only=local_files_only).is_lcm
-        cls = LatentConsistencyModelPipeline if is_lcm else StableDiffusionPipeline
-        pipe = cls.from_pretrained(
-            name_or_path,
-            revision=revision,
-            torch_dtype=torch_dtype,
-            local_files_only=local_files_only,
-            safety_checker=None,
-            requires_safety_checker=False,
-            **kwargs,
-        )
-        scheduler_cls = LCMScheduler if is_lcm else DDIMScheduler
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+        index = _read_model_index(name_or_path, revision, local_files_only)
+        family = inspect_pipeline(name_or_path, revision=revision, local_files_only=local_files_only).family
+        common = dict(revision=revision, torch_dtype=torch_dtype, local_files_only=local_files_only, **kwargs)
+        if family == "flow":
+            pipe = FLOW_PIPELINES[index["_class_name"]].from_pretrained(name_or_path, **common)
+        else:
+            cls = LatentConsistencyModelPipeline if family == "lcm" else StableDiffusionPipeline
+            pipe = cls.from_pretrained(
+                name_or_path, safety_checker=None, requires_safety_checker=False, **common
+            )
+            scheduler_cls = LCMScheduler if family == "lcm" else DDIMScheduler
+            pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -35,6 +35,7 @@ from diffrl.files import (
     truncate_metrics,
 )
 from diffrl.report import write_report
+from diffrl.transitions import denoiser, family
 
 
 @dataclass
@@ -120,24 +121,29 @@ def _swap_in(tmp: Path, final: Path) -> None:
 def export_weights(pipe, use_lora: bool, run_dir: Path) -> None:
     """Write the trained weights for use outside diffrl, replacing the previous export only once
     the new one is complete: ``run_dir/lora`` in diffusers format
-    (``pipe.load_lora_weights(run_dir / "lora")``), or ``run_dir/unet`` after full fine-tuning."""
-    from diffusers import StableDiffusionPipeline
+    (``pipe.load_lora_weights(run_dir / "lora")``: the UNet's layers for SD and LCMs, the
+    transformer's for SD3 and FLUX, saved by the pipeline class's own ``save_lora_weights``), or
+    ``run_dir/unet`` / ``run_dir/transformer`` after full fine-tuning."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet, name = pipe.unet, "lora" if use_lora else "unet"
+    model = denoiser(pipe)
+    part = "transformer" if family(pipe) == "flow" else "unet"
+    name = "lora" if use_lora else part
     tmp = run_dir / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if use_lora:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        type(pipe).save_lora_weights(
             tmp,
-            unet_lora_layers={k: v.float() for k, v in layers.items()},
             safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            **{
+                f"{part}_lora_layers": {k: v.float() for k, v in layers.items()},
+                f"{part}_lora_adapter_metadata": model.peft_config["default"].to_dict(),
+            },
         )
     else:
-        unet.save_pretrained(tmp)
+        model.save_pretrained(tmp)
     _swap_in(tmp, run_dir / name)
 
 
@@ -164,7 +170,7 @@ class Run:
             changes = runfolder.check_resume(config, self.dir)
             if checkpoint is not None:
                 saved, rng = load_checkpoint(
-                    checkpoint, learner.pipe.unet, learner.optimizer, accelerator.process_index
+                    checkpoint, denoiser(learner.pipe), learner.optimizer, accelerator.process_index
                 )
                 streams.load(rng)
                 if hasattr(state, "load_state_dict") and saved.get("tracker"):
@@ -271,7 +277,7 @@ class Run:
         save_checkpoint(
             self.dir,
             epoch,
-            learner.pipe.unet,
+            denoiser(learner.pipe),
             learner.optimizer,
             self.streams.state(),
             {"tracker": tracker, "merge_sampling": learner.merge_sampling},

@@ -59,17 +59,22 @@ def preflight(config, algorithm, device: torch.device):
     else:
         runfolder.check_new_run(config)
     info = inspect_pipeline(config.model.pretrained, revision=config.model.revision)
-    family = "lcm" if info.is_lcm else "ddim"
-    if not algorithm.offline and family not in algorithm.models:
-        fits = ", ".join(algorithms.trained_on(family))
+    family = info.family
+    if family not in algorithm.models and not (algorithm.offline and family != "flow"):
+        fits = ", ".join(algorithms.trained_on(family)) or "none yet"
         raise ConfigError(
             f"algorithm={config.algorithm}: model.pretrained={config.model.pretrained} is "
-            + (
-                f"a latent consistency model; train it with algorithm: {fits}"
-                if info.is_lcm
-                else f"not a latent consistency model (no LCMScheduler); use algorithm: {fits}, or an LCM "
-                "such as tiny-lcm or SimianLuo/LCM_Dreamshaper_v7"
-            )
+            + {
+                "lcm": f"a latent consistency model; train it with algorithm: {fits}",
+                "ddim": f"not a latent consistency model (no LCMScheduler); use algorithm: {fits}, or an LCM "
+                "such as tiny-lcm or SimianLuo/LCM_Dreamshaper_v7",
+                "flow": f"a flow-matching model (SD3, FLUX); train it with algorithm: {fits}",
+            }[family]
+        )
+    if family == "flow" and config.model.attention == "xformers":
+        raise ConfigError(
+            "model.attention=xformers: flow transformers (SD3, FLUX) run their joint attention with torch "
+            "scaled-dot-product attention; use model.attention: auto"
         )
     resolution = config.sample.resolution
     if resolution is not None and resolution % info.vae_scale_factor:
@@ -164,7 +169,7 @@ def train_online(config, algorithm, accelerator, source, reward_fn, state, stop:
         plan = algorithm.plan(config, epoch)
 
         # SAMPLING: rollouts on the current policy, rewards overlapped with the next batch
-        pipe.unet.eval()
+        learner.unet.eval()
         sample = partial(
             sample_epoch, pipe, config, source, reward_fn, streams, accelerator, plan,
             merge=learner.merge_sampling, where=f"epoch {epoch}{rank}", label=clock.label(epoch),

@@ -30,20 +30,56 @@ class StepOutput:
 
 
 @dataclass
+class Text:
+    """Encoded prompts of a batch, every tensor batch-first in the text encoders' dtype.
+
+    Attributes:
+        embeds: per-token embeddings ``[B, L, D]`` (SD3: CLIP-L/G padded to T5's width, then T5
+            along the sequence; FLUX: T5).
+        pooled: pooled embeddings ``[B, P]`` for SD3 (CLIP-L and -G concatenated) and FLUX
+            (CLIP-L); None for SD and LCMs.
+        negative, negative_pooled: the same for guidance's unconditional branch (the negative
+            prompt), or None when sampled without classifier-free guidance.
+    """
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    negative: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> Text:
+        """The rows ``index`` (``[K]`` long) of every tensor."""
+        return Text(*(None if t is None else t[index] for t in self.tensors()))
+
+    def repeat(self, times: int) -> Text:
+        """Every row ``times`` times in a row (``repeat_interleave``): ``[B, ...]`` -> ``[B·times, ...]``."""
+        return Text(*(None if t is None else t.repeat_interleave(times, dim=0) for t in self.tensors()))
+
+    def tensors(self) -> tuple:
+        """(embeds, pooled, negative, negative_pooled)."""
+        return self.embeds, self.pooled, self.negative, self.negative_pooled
+
+    @staticmethod
+    def cat(texts: list[Text]) -> Text:
+        """The rows of all ``texts`` in order."""
+        parts = zip(*(t.tensors() for t in texts))
+        return Text(*(None if p[0] is None else torch.cat(p) for p in parts))
+
+
+@dataclass
 class Trajectory:
     """A batch of denoising chains (the MDP episodes) and their decoded images.
 
     Attributes:
         prompts: the B prompts.
-        prompt_embeds: text embeddings of the prompts, ``[B, L, D]``.
-        negative_prompt_embeds: embeddings of the negative prompt, ``[B, L, D]``, or None when
-            sampled without classifier-free guidance.
+        text: their encoding (:class:`Text`: ``[B, L, D]`` embeddings, pooled ones for SD3/FLUX,
+            and the negative prompt's when sampled with classifier-free guidance).
         latents: states x_T, ..., x_0 of every chain, ``[B, T+1, C, h, w]`` float32;
             ``latents[:, j]`` is the input of step j and ``latents[:, j+1]`` its action. For a
             latent consistency model with H steps, T = H − 1 (the stochastic steps) and
             ``latents[:, -1]`` is x_{τ_H}, the input of the deterministic last consistency step
             whose output is decoded to ``images``.
-        timesteps: the scheduler timestep of each step, ``[T]`` (long).
+        timesteps: the scheduler timestep of each step, ``[T]`` (long; float 1000 σ for flow models).
         log_probs: log pi(latents[:, j+1] | latents[:, j]) at sampling time, ``[B, T]`` float32;
             None for a deterministic chain (eta = 0), which has no density.
         images: decoded final images, ``[B, 3, H, W]`` float32 in [0, 1].
@@ -53,8 +89,7 @@ class Trajectory:
     """
 
     prompts: list[str]
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None
+    text: Text
     latents: torch.Tensor
     timesteps: torch.Tensor
     log_probs: torch.Tensor | None
@@ -78,9 +113,15 @@ class SamplerSettings:
         num_steps: DDIM steps T, or an LCM's H consistency steps (T = H − 1 actions).
         guidance_scale: classifier-free guidance weight w (<= 1 disables guidance); for an LCM the
             w whose embedding the UNet takes (no doubling).
-        eta: DDIM stochasticity (0: a deterministic chain without log-probabilities; unused by an LCM).
+        eta: DDIM stochasticity, or the noise level a of a flow model's SDE/CPS step (0: a
+            deterministic chain without log-probabilities, the Euler ODE for a flow model; unused
+            by an LCM).
         height, width: image size in pixels (None: the UNet's native size).
         negative_prompt: the prompt of guidance's unconditional branch.
+        flow_step: a flow model's stochastic step: ``sde`` (Flow-GRPO) or ``cps``
+            (coefficients-preserving); see :mod:`diffrl.policies.flow`.
+        max_sequence_length: T5 tokens per prompt for SD3/FLUX (None: the pipeline's default,
+            256 for SD3, 512 for FLUX).
     """
 
     num_steps: int = 50
@@ -89,3 +130,5 @@ class SamplerSettings:
     height: int | None = None
     width: int | None = None
     negative_prompt: str = ""
+    flow_step: str = "sde"
+    max_sequence_length: int | None = None

@@ -50,7 +50,7 @@ from diffrl.config import load_config
 from diffrl.evaluation import diversity
 from diffrl.files import read_jsonl
 from diffrl.guidance import svdd, value
-from diffrl.learner import Learner, NonFiniteGuard, make_optimizer, prepare_unet
+from diffrl.learner import Learner, NonFiniteGuard, make_optimizer, prepare_denoiser
 from diffrl.pipelines import load_pipeline
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_branches, sample_trajectories
@@ -80,12 +80,12 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
         ],
     )
     pipe = load_pipeline("tiny-sd")
-    params = prepare_unet(pipe, config, torch.float32)
+    params = prepare_denoiser(pipe, config, torch.float32)
     optimizer = make_optimizer(params, config)
     unet, prompts = pipe.unet, [f"a red circle {i}" for i in range(batch)]
     generator = torch.Generator().manual_seed(0)
     traj = sample_trajectories(pipe, prompts, SamplerSettings(num_steps=steps), generator=generator)
-    embeds = torch.cat([traj.negative_prompt_embeds, traj.prompt_embeds])
+    embeds = torch.cat([traj.text.negative, traj.text.embeds])
     inputs = [torch.cat([traj.latents[:, j]] * 2) for j in range(steps)]
     t2 = [torch.full((2 * batch,), int(t)) for t in traj.timesteps]
 

@@ -26,7 +26,7 @@ def test_every_registered_algorithm_exports_the_interface():
             assert callable(algorithm.term) and callable(algorithm.setup), name
         else:
             assert all(callable(f) for f in (algorithm.plan, algorithm.prepare, algorithm.loss)), name
-            assert algorithm.models and set(algorithm.models) <= {"ddim", "lcm"}, name
+            assert algorithm.models and set(algorithm.models) <= {"ddim", "lcm", "flow"}, name
         if algorithm.section:
             assert isinstance(
                 getattr(load_config(None, [f"algorithm={name}", "dpo.data=x"]), algorithm.section),

@@ -18,7 +18,8 @@ from diffrl.algorithms.b2diffurl import (
 )
 from diffrl.config import ConfigError, load_config
 from diffrl.prompts import load_prompts
-from diffrl.rollout import decode_latents, encode_prompts, guided_noise_pred, sample_branches
+from diffrl.rollout import sample_branches
+from diffrl.transitions import decode_latents, encode_prompts, guided_noise_pred
 from diffrl.types import SamplerSettings
 from tests.alignment import assert_raised, train_and_compare
 
@@ -39,7 +40,8 @@ def _plain_ddim(pipe, prompts, num_steps, seed):
     """An independent reference sampler: diffusers' own DDIMScheduler.step with eta = 1, noise
     drawn in the same order (x_T, then one draw per step)."""
     g = torch.Generator().manual_seed(seed)
-    embeds, negative = encode_prompts(pipe, prompts, "", True)
+    text = encode_prompts(pipe, prompts, "", True)
+    embeds, negative = text.embeds, text.negative
     x = (
         randn_tensor((len(prompts), 4, 8, 8), generator=g, dtype=torch.float32)
         * pipe.scheduler.init_noise_sigma

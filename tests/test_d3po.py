@@ -12,7 +12,7 @@ from diffrl.algorithms.d3po import d3po_loss, group_pairs, preferences
 from diffrl.collect import sample_batch
 from diffrl.config import ConfigError, load_config
 from diffrl.files import read_jsonl
-from diffrl.learner import adapters_disabled, prepare_unet, step_log_prob
+from diffrl.learner import adapters_disabled, prepare_denoiser, step_log_prob
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_trajectories
 from diffrl.testing import tiny_sd_pipeline
@@ -104,7 +104,7 @@ def test_reference_is_the_pretrained_unet_with_lora_disabled():
     idx, step = torch.tensor([0, 1]), torch.tensor([0, 2])
     with torch.no_grad():
         base = step_log_prob(pipe.unet, pipe, data, idx, step, config, accelerator)
-        prepare_unet(pipe, config, torch.float32)
+        prepare_denoiser(pipe, config, torch.float32)
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a trained adapter

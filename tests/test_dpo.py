@@ -17,7 +17,7 @@ from diffrl.cli import resolve_train_config
 from diffrl.config import ConfigError, load_config
 from diffrl.errors import InputFileError
 from diffrl.files import read_jsonl
-from diffrl.learner import prepare_unet
+from diffrl.learner import prepare_denoiser
 from diffrl.preferences import load_preferences, pickapic_rows
 from diffrl.prompts import load_prompts
 from diffrl.testing import tiny_sd_pipeline
@@ -87,7 +87,7 @@ def test_swapped_in_reference_weights_are_restored(tmp_path):
     from safetensors.torch import save_file
 
     pipe = tiny_sd_pipeline(seed=0)
-    prepare_unet(pipe, load_config(None, ["model.lora_rank=2"]), torch.float32)
+    prepare_denoiser(pipe, load_config(None, ["model.lora_rank=2"]), torch.float32)
     trained = {n: p for n, p in pipe.unet.named_parameters() if p.requires_grad}
     for p in trained.values():
         torch.nn.init.normal_(p)

@@ -23,7 +23,7 @@ from diffrl.files import read_jsonl
 from diffrl.labeling import make_server
 from diffrl.learner import step_log_prob
 from diffrl.trainer import train
-from diffrl.types import Trajectory
+from diffrl.types import Text, Trajectory
 from tests.browser import launch, needs_chromium
 
 ROOT = Path(__file__).parent.parent
@@ -37,8 +37,11 @@ def fake_rollouts(folder: Path, group_sizes=(3, 2)) -> Trajectory:
     g = torch.Generator().manual_seed(0)
     traj = Trajectory(
         prompts=[f"prompt {int(p)}" for p in parents],
-        prompt_embeds=torch.randn(n, 3, 8, generator=g),
-        negative_prompt_embeds=torch.randn(n, 3, 8, generator=g),
+        text=Text(
+            torch.randn(n, 3, 8, generator=g),
+            torch.randn(n, 5, generator=g),
+            torch.randn(n, 3, 8, generator=g),
+        ),
         latents=torch.randn(n, 3, 4, 4, 4, generator=g),
         timesteps=torch.tensor([900, 400]),
         log_probs=torch.randn(n, 2, generator=g),
@@ -58,8 +61,10 @@ def test_saved_rollouts_read_back(tmp_path):
     traj = fake_rollouts(folder)
     assert folder == tmp_path / "rollouts" / "epoch_0003" / "rank_0" and human.is_saved(folder)
     back, rewards, metadata = human.load_rollouts(folder)
-    for name in ("latents", "log_probs", "prompt_embeds", "negative_prompt_embeds", "timesteps", "parents"):
+    for name in ("latents", "log_probs", "timesteps", "parents"):
         assert torch.equal(getattr(back, name), getattr(traj, name)), name
+    for got, want in zip(back.text.tensors(), traj.text.tensors()):
+        assert (got is None and want is None) or torch.equal(got, want)
     assert back.prompts == traj.prompts and metadata[4] == {"i": 4} and rewards.tolist() == list(range(5))
     assert (back.images - traj.images).abs().max() <= 0.5 / 255 + 1e-6  # PNG keeps uint8 exactly
     groups = human.read_index(folder)["groups"]

@@ -11,8 +11,9 @@ from peft import LoraConfig
 from diffrl import ops
 from diffrl.algorithms.ddpo import ppo_loss
 from diffrl.policies.ddim import ddim_step_with_logprob
-from diffrl.rollout import guided_noise_pred, sample_trajectories
+from diffrl.rollout import sample_trajectories
 from diffrl.testing import tiny_sd_pipeline
+from diffrl.transitions import guided_noise_pred
 from diffrl.types import SamplerSettings
 from triton_kernels.ddim_step_logprob import ddim_step_logprob, ddim_step_logprob_reference
 from triton_kernels.eps_mse import eps_mse, eps_mse_reference
@@ -202,7 +203,7 @@ def _ddpo_step_loss_and_grads():
     rows = torch.arange(2, device=DEVICE)
     x_t, prev = traj.latents[rows, j], traj.latents[rows, j + 1]
     noise_pred = guided_noise_pred(
-        pipe.unet, x_t, traj.timesteps[j], traj.prompt_embeds, traj.negative_prompt_embeds, 5.0
+        pipe.unet, x_t, traj.timesteps[j], traj.text.embeds, traj.text.negative, 5.0
     )
     out = ddim_step_with_logprob(pipe.scheduler, noise_pred, traj.timesteps[j], x_t, prev_sample=prev)
     advantages = torch.tensor([1.0, -0.5], device=DEVICE)
@@ -224,3 +225,32 @@ def test_ddpo_step_is_the_same_with_torch_and_triton_kernels(monkeypatch):
         # atol relative to the tensor's scale: CUDA's own reductions differ run to run at ~1e-6
         scale = grads_torch[name].abs().max().item()
         torch.testing.assert_close(grads_triton[name], grads_torch[name], rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_flow_steps_are_the_same_with_the_fused_kernel(monkeypatch, kind):
+    """The flow SDE (a σ = 1 sample among them) and CPS steps through the fused affine kernel equal
+    their torch reference: the action drawn from the same generator, the log-prob of a given
+    action, and its gradient to the velocity."""
+    from diffrl.policies.flow import flow_step_with_logprob
+
+    g = torch.Generator().manual_seed(0)
+    x, v, prev = (torch.randn(3, 4, 8, 8, generator=g).to(DEVICE) for _ in range(3))
+    # the SDE onto σ' = 0 is stochastic; CPS onto 0 is deterministic (no action, see FlowTransition)
+    sigma, sigma_next = (
+        torch.tensor([1.0, 0.6, 0.3]),
+        torch.tensor([0.8, 0.45, 0.0 if kind == "sde" else 0.1]),
+    )
+    results = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("DIFFRL_KERNELS", mode)
+        velocity = v.clone().requires_grad_(True)
+        common = dict(kind=kind, noise_level=0.7, sigma_after_one=0.8)
+        drawn = flow_step_with_logprob(
+            v, x, sigma, sigma_next, generator=torch.Generator(DEVICE).manual_seed(1), **common
+        )
+        scored = flow_step_with_logprob(velocity, x, sigma, sigma_next, prev_sample=prev, **common)
+        grad = torch.autograd.grad(scored.log_prob.sum(), velocity)[0]
+        results[mode] = (drawn.prev_sample, drawn.log_prob, scored.log_prob, grad)
+    for got, want in zip(results["triton"], results["torch"]):
+        _close(got, want, 1e-5)

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-import diffrl.rollout as rollout_module
+import diffrl.transitions as transitions_module
 from diffrl.policies.ddim import ddim_step_with_logprob
-from diffrl.rollout import encode_prompts, guided_noise_pred, sample_trajectories
+from diffrl.rollout import sample_trajectories
+from diffrl.transitions import encode_prompts, guided_noise_pred
 from diffrl.types import SamplerSettings
 
 PROMPTS = ["a red circle", "a small blue square on the left", "a cat"]
@@ -25,7 +26,7 @@ def test_trajectory_shapes(trajectory):
     assert trajectory.timesteps.tolist() == list(range(876, 0, -125))
     assert trajectory.images.shape == (3, 3, 32, 32)
     assert 0 <= trajectory.images.min() and trajectory.images.max() <= 1
-    assert trajectory.prompt_embeds.shape == trajectory.negative_prompt_embeds.shape == (3, 77, 32)
+    assert trajectory.text.embeds.shape == trajectory.text.negative.shape == (3, 77, 32)
     assert not trajectory.latents.requires_grad and not trajectory.log_probs.requires_grad
 
 
@@ -42,7 +43,7 @@ def test_rescoring_stored_actions_gives_zero_log_ratio(tiny_sd, trajectory):
             index = perm[:, j]
             t = tr.timesteps[index]
             noise_pred = guided_noise_pred(
-                tiny_sd.unet, tr.latents[rows, index], t, tr.prompt_embeds, tr.negative_prompt_embeds, 5.0
+                tiny_sd.unet, tr.latents[rows, index], t, tr.text.embeds, tr.text.negative, 5.0
             )
             out = ddim_step_with_logprob(
                 tiny_sd.scheduler,
@@ -84,10 +85,10 @@ def test_no_guidance_uses_conditional_prediction_only(tiny_sd):
         SamplerSettings(num_steps=4, guidance_scale=1.0, eta=1.0),
         generator=torch.Generator().manual_seed(1),
     )
-    assert tr.negative_prompt_embeds is None
+    assert tr.text.negative is None
     tiny_sd.scheduler.set_timesteps(4)
     with torch.no_grad():
-        eps = tiny_sd.unet(tr.latents[:, 0], tr.timesteps[0], encoder_hidden_states=tr.prompt_embeds).sample
+        eps = tiny_sd.unet(tr.latents[:, 0], tr.timesteps[0], encoder_hidden_states=tr.text.embeds).sample
         out = ddim_step_with_logprob(
             tiny_sd.scheduler, eps, tr.timesteps[0], tr.latents[:, 0], prev_sample=tr.latents[:, 1]
         )
@@ -115,7 +116,8 @@ def test_prompt_embeddings_are_cached_and_equal_the_pipelines(monkeypatch):
     prompts = ["a red circle", "a blue square", "a red circle"]
     want, want_negative = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=["blurry"] * 3)
     calls, handle = _encoder_calls(pipe)
-    embeds, negative = encode_prompts(pipe, prompts, "blurry", True)
+    text = encode_prompts(pipe, prompts, "blurry", True)
+    embeds, negative = text.embeds, text.negative
     torch.testing.assert_close(embeds, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(negative, want_negative, rtol=0, atol=1e-6)
     assert calls == [3]  # the two distinct prompts and the negative one, in one encoder call
@@ -123,13 +125,13 @@ def test_prompt_embeddings_are_cached_and_equal_the_pipelines(monkeypatch):
     assert calls == [3, 1]  # only the new prompt
     with torch.no_grad():  # an in-place weight change (a LoRA fused, a state dict loaded) empties the cache
         dict(pipe.text_encoder.named_parameters())["final_layer_norm.bias"].add_(0.5)
-    changed, _ = encode_prompts(pipe, prompts, "blurry", True)
+    changed = encode_prompts(pipe, prompts, "blurry", True).embeds
     assert calls == [3, 1, 3]
     fresh, _ = pipe.encode_prompt(prompts, "cpu", 1, False)  # (counted too)
     torch.testing.assert_close(changed, fresh, rtol=0, atol=1e-6)
     assert (changed - embeds).abs().max() > 0.1
     calls.clear()
-    monkeypatch.setattr(rollout_module, "PROMPT_CACHE_SIZE", 2)  # least recently used dropped
+    monkeypatch.setattr(transitions_module, "PROMPT_CACHE_SIZE", 2)  # least recently used dropped
     encode_prompts(pipe, ["x", "y", "z"], None, False)
     encode_prompts(pipe, ["z"], None, False)
     encode_prompts(pipe, ["x"], None, False)

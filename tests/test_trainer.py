@@ -171,7 +171,7 @@ def test_timesteps_per_pass_keeps_the_gradient_of_one_term_per_timestep(per_pass
 
     from diffrl.algorithms import Batch
     from diffrl.config import load_config
-    from diffrl.learner import Learner, NonFiniteGuard, prepare_unet
+    from diffrl.learner import Learner, NonFiniteGuard, prepare_denoiser
     from diffrl.run import Streams
 
     pipe = tiny_sd_pipeline(seed=0)
@@ -187,7 +187,7 @@ def test_timesteps_per_pass_keeps_the_gradient_of_one_term_per_timestep(per_pass
             f"train.timesteps_per_pass={per_pass}",
         ],
     )
-    params = prepare_unet(pipe, config, torch.float32)
+    params = prepare_denoiser(pipe, config, torch.float32)
     torch.manual_seed(0)
     for p in params:  # LoRA's B starts at zero, which would leave A without gradient
         torch.nn.init.normal_(p, std=0.05)
@@ -217,10 +217,10 @@ def test_timesteps_per_pass_keeps_the_gradient_of_one_term_per_timestep(per_pass
 def test_merged_lora_computes_what_the_adapters_do_and_restores_the_base_weights_bit_for_bit():
     from diffrl.collect import lora_merged
     from diffrl.config import load_config
-    from diffrl.learner import prepare_unet
+    from diffrl.learner import prepare_denoiser
 
     pipe = tiny_sd_pipeline(seed=0)
-    params = prepare_unet(
+    params = prepare_denoiser(
         pipe, load_config(None, ["model.pretrained=tiny-sd", "model.lora_rank=2"]), torch.float32
     )
     torch.manual_seed(0)

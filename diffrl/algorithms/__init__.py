@@ -11,8 +11,8 @@ in every checkpoint when it has ``state_dict``/``load_state_dict``), ``collect(c
 sample)`` (how the epoch's rollouts are obtained; default: sample them), ``validate(config)``
 (checks of the whole config, before any model loads), ``DEFAULTS`` (values for the keys a
 config leaves unset), ``SECTION`` (the name of its config section, whose dataclass the module's
-``Config`` is) and ``MODEL`` (``"ddim"``, ``"lcm"`` or a tuple of both: the sampler families it
-trains).
+``Config`` is) and ``MODEL`` (``"ddim"``, ``"lcm"``, ``"flow"`` or a tuple of them: the sampler
+families it trains, :func:`diffrl.transitions.family`).
 
 An **offline** module (``OFFLINE = True``: Diffusion-DPO, SePPO) exports ``setup`` and
 ``term(ctx, learner, batch, streams) -> closure`` instead; :mod:`diffrl.offline` runs it.
@@ -197,7 +197,7 @@ def _families(model) -> tuple[str, ...]:
 
 
 def trained_on(model: str) -> list[str]:
-    """The registered online algorithms that train the ``model`` sampler family (``ddim``, ``lcm``)."""
+    """The registered online algorithms that train the ``model`` sampler family (``ddim``, ``lcm``, ``flow``)."""
     algorithms = [get(name) for name in REGISTRY]
     return [a.name for a in algorithms if not a.offline and model in a.models]
 

@@ -11,6 +11,9 @@ takes the importance-sampled gradient of E[r] with PPO's clipped surrogate (Schu
 with log-probs in diffrl's element-mean convention (that is what makes eps = 1e-4 meaningful) and
 advantages A from per-prompt reward statistics (Sec. 4.3), clipped to [-adv_clip_max, adv_clip_max].
 
+On a flow model's SDE (Flow-GRPO's policy) this is GRPO with per-prompt history instead of
+groups (:mod:`diffrl.algorithms.grpo`): the same loss through the same transition.
+
 The interface (:mod:`diffrl.algorithms`): every epoch samples independent chains (:func:`plan`),
 :func:`prepare` turns the gathered rewards into advantages, :func:`loss` is the PPO term.
 """
@@ -24,6 +27,9 @@ import torch
 from diffrl.algorithms import Batch, Context, Plan, Rollouts, Term, gather, per_sample
 from diffrl.errors import ConfigError
 from diffrl.stat_tracking import PerPromptStatTracker, normalize
+
+MODEL = ("ddim", "flow")
+"""DDPO trains the DDIM sampler and a flow model's SDE or CPS step (SD3, FLUX)."""
 
 
 @dataclass

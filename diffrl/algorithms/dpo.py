@@ -35,7 +35,7 @@ from diffrl.errors import require
 from diffrl.learner import adapters_disabled
 from diffrl.ops import eps_mse
 from diffrl.preferences import Preference, load_images, load_preferences
-from diffrl.rollout import encode_prompts
+from diffrl.transitions import encode_prompts
 
 OFFLINE = True
 """Trained on a data source, not on rollouts (:mod:`diffrl.offline`)."""
@@ -177,7 +177,7 @@ def encode_batch(learner, batch: list[Preference], config, streams):
         "" if float(torch.rand(1, generator=streams.prompts)) < d.empty_prompt_fraction else p.prompt
         for p in batch
     ]
-    embeds, _ = encode_prompts(pipe, prompts, None, False)
+    embeds = encode_prompts(pipe, prompts, None, False).embeds
     winners = encode_images(pipe, load_images([p.winner for p in batch], resolution(pipe, config)))
     return prompts, embeds, winners
 

@@ -14,13 +14,16 @@ trained. The loss per trained step is PPO's clipped surrogate on the element-mea
 (:func:`diffrl.algorithms.ddpo.ppo_loss`) plus β·KL(π_θ || π_ref), π_ref the same UNet with its
 LoRA adapters disabled. The KL is the exact KL of the two step Gaussians at the stored state
 (:func:`diffrl.ops.gaussian_kl`): with the shared std σ_t of the sampler it is
-mean((μ_θ − μ_ref)²) / (2σ_t²) over the latent's elements. Flow-GRPO's code computes
-β·mean((μ_θ − μ_ref)²)/(2s²) with s the SDE's noise level before its √|Δ| scaling, which omits
-the 1/|Δ| factor of the exact KL; here the penalty is the KL itself, so β means the same at
-every step and on every sampler.
+mean((μ_θ − μ_ref)²) / (2σ_t²) over the latent's elements. On the flow SDE σ_t = s√|Δ|, so the
+KL is mean((μ_θ − μ_ref)²) / (2 s² |Δ|) = (|Δ|/2)(1/s + s(1−σ)/(2σ))² mean((v_θ − v_ref)²).
+Flow-GRPO's code computes β·mean((μ_θ − μ_ref)²)/(2s²), which omits the 1/|Δ| factor: its β
+weighs steps by their width |Δ|. Here the penalty is the KL itself, so β means the same at every
+step and on every sampler (a Flow-GRPO β corresponds to about β·|Δ| here at a 10-step schedule's
+typical |Δ| ≈ 0.1: reuse its values with that in mind).
 
 With ``grpo.beta: 0`` and groups of one this is DDPO without its reward history: one code path.
-It trains the DDIM sampler and a latent consistency model's (RLCM's policy) alike.
+It trains the DDIM sampler, a latent consistency model's (RLCM's policy) and a flow model's SDE
+(Flow-GRPO) alike; the sampler is the pipeline's (:mod:`diffrl.transitions`).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from diffrl.algorithms.ddpo import validate as validate_batches
 from diffrl.errors import require
 
 SECTION = "grpo"
-MODEL = ("ddim", "lcm")
-"""GRPO trains the DDIM sampler and a latent consistency model's (:mod:`diffrl.policies.lcm`)."""
+MODEL = ("ddim", "lcm", "flow")
+"""GRPO trains the DDIM sampler, a latent consistency model's (:mod:`diffrl.policies.lcm`) and a
+flow model's SDE or CPS step (:mod:`diffrl.policies.flow`: SD3, FLUX)."""
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from diffrl.policies.ddim import predicted_x0
-from diffrl.rollout import Transition, decode_latents
+from diffrl.transitions import UNetTransition, decode_latents
 from diffrl.types import SamplerSettings
 
 GUIDED = SamplerSettings(guidance_scale=7.5)
@@ -105,7 +105,7 @@ def resample_worst(
 
 
 def _repeat(tensor, times):
-    return None if tensor is None else tensor.repeat_interleave(times, dim=0)
+    return tensor.repeat_interleave(times, dim=0)
 
 
 @torch.no_grad()
@@ -132,16 +132,12 @@ def svdd(
         raise ValueError(
             f"need num_candidates >= 1, alpha >= 0, resample_fraction in [0, 1); got {m}, {alpha}, {resample_fraction}"
         )
-    transition = Transition(pipe, settings.guidance_scale, settings.eta)
-    if m > 1 and settings.eta <= 0 and not transition.is_lcm:
+    transition = UNetTransition(pipe, settings.guidance_scale, settings.eta)
+    if m > 1 and not transition.stochastic:
         raise ValueError("SVDD needs eta > 0: with a deterministic step all candidates are the same")
-    embeds, negative, x, timesteps, eps = transition.start(prompts, settings, generator)
+    text, x, timesteps, eps = transition.start(prompts, settings, generator)
     p, calls = len(prompts), len(prompts)
-    embeds_m, negative_m, prompts_m = (
-        _repeat(embeds, m),
-        _repeat(negative, m),
-        [q for q in prompts for _ in range(m)],
-    )
+    text_m, prompts_m = text.repeat(m), [q for q in prompts for _ in range(m)]
     rows = torch.arange(p, device=x.device)
     for i, t in enumerate(timesteps):
         if i == len(timesteps) - 1:  # the last step: its one child is the image
@@ -150,12 +146,12 @@ def svdd(
         # [P*M]: candidate k of particle j at row j*M + k
         candidates = transition.step(_repeat(eps, m), t, _repeat(x, m), generator).prev_sample
         t_next = timesteps[i + 1]
-        candidate_eps = transition.noise_pred(candidates, t_next, embeds_m, negative_m)
+        candidate_eps = transition.noise_pred(candidates, t_next, text_m)
         calls += p * m
         if m == 1:
             x, eps = candidates, candidate_eps
             continue
-        values = value(pipe, candidates, t_next, candidate_eps, prompts_m, embeds_m).float().view(p, m)
+        values = value(pipe, candidates, t_next, candidate_eps, prompts_m, text_m.embeds).float().view(p, m)
         chosen = rows * m + select_candidates(values, alpha, generator)
         x, eps = candidates[chosen], candidate_eps[chosen]
         if resample_fraction > 0:
@@ -185,8 +181,8 @@ def smc(
             f"SMC needs alpha > 0 (weights exp(v/alpha)) and num_particles >= 1; got {alpha}, {n}"
         )
     prompts_n = [q for q in prompts for _ in range(n)]
-    transition = Transition(pipe, settings.guidance_scale, settings.eta)
-    embeds, negative, x, timesteps, eps = transition.start(prompts_n, settings, generator)
+    transition = UNetTransition(pipe, settings.guidance_scale, settings.eta)
+    text, x, timesteps, eps = transition.start(prompts_n, settings, generator)
     p, calls = len(prompts), len(prompts_n)
     previous = torch.zeros(p * n, device=x.device)
     offsets = (torch.arange(p) * n).view(-1, 1)
@@ -195,9 +191,9 @@ def smc(
         if i == len(timesteps) - 1:
             break
         t_next = timesteps[i + 1]
-        eps = transition.noise_pred(x, t_next, embeds, negative)
+        eps = transition.noise_pred(x, t_next, text)
         calls += p * n
-        values = value(pipe, x, t_next, eps, prompts_n, embeds).float()
+        values = value(pipe, x, t_next, eps, prompts_n, text.embeds).float()
         log_weights = ((values - previous) / alpha).cpu().view(p, n)
         ancestors = (
             torch.multinomial(torch.softmax(log_weights, dim=1), n, replacement=True, generator=generator)

@@ -104,7 +104,7 @@ def value_targets(pipe, prompts: list[str], reward_fn, settings: SamplerSettings
     n, steps = len(prompts), settings.num_steps - 1
     latents = traj.latents[:, 1 : settings.num_steps].reshape(n * steps, *traj.latents.shape[2:])
     timesteps = traj.timesteps[1:].repeat(n)
-    text = traj.prompt_embeds.float().mean(dim=1).repeat_interleave(steps, dim=0)
+    text = traj.text.embeds.float().mean(dim=1).repeat_interleave(steps, dim=0)
     return latents, timesteps, text, r.repeat_interleave(steps)
 
 

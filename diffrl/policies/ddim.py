@@ -23,7 +23,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffrl.ops import fused_ddim_step_logprob, gaussian_logprob, use_triton
+from diffrl.ops import fused_affine_step_logprob, gaussian_logprob, use_triton
 from diffrl.types import StepOutput
 
 
@@ -90,7 +90,7 @@ def ddim_step_with_logprob(
         mean = _clipped_mean(scheduler, sample, noise_pred, alpha_prod_t, alpha_prod_prev, std)
     else:
         if with_logprob and use_triton(sample, noise_pred, op="ddim step"):
-            mean, prev, log_prob = fused_ddim_step_logprob(
+            mean, prev, log_prob = fused_affine_step_logprob(
                 sample,
                 noise_pred,
                 a,

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from diffrl.ops import gaussian_logprob
+from diffrl.ops import fused_affine_step_logprob, gaussian_logprob, use_triton
 from diffrl.types import StepOutput
 
 KINDS = ("sde", "ode", "cps")
@@ -46,6 +46,33 @@ def _column(value, like: torch.Tensor) -> torch.Tensor:
 def predicted_x0(velocity: torch.Tensor, sigma, sample: torch.Tensor) -> torch.Tensor:
     """x̂0 = x − σ v, ``[B, C, h, w]`` float32 (what rewards and guidance read mid-chain)."""
     return sample.float() - _column(sigma, sample) * velocity.float()
+
+
+def step_coefficients(kind: str, sigma, sigma_next, noise_level: float, sigma_after_one, like: torch.Tensor):
+    """(a, b, std), each ``[B, 1, 1, 1]`` float32, with the step's mean = a x + b v (module table):
+
+    ====  ======================================  ==============================================
+    ODE   a = 1                                   b = Δ                                std = 0
+    SDE   a = 1 + s² Δ / (2σ)                     b = Δ (1 + s² (1 − σ) / (2σ))        std = s √(−Δ)
+    CPS   a = (1 − σ') + c                        b = c (1 − σ) − (1 − σ') σ            std = σ' sin(aπ/2)
+    ====  ======================================  ==============================================
+
+    with s = noise_level · √(σ / (1 − σ̃)) and c = √(σ'² − std²). ``like`` gives batch and rank."""
+    s, s_next = _column(sigma, like), _column(sigma_next, like)
+    delta = s_next - s
+    if kind == "ode":
+        return torch.ones_like(s), delta, torch.zeros_like(s)
+    if kind == "sde":
+        at_one = s >= 1
+        if bool(at_one.any()) and sigma_after_one is None:
+            raise ValueError("the SDE step at sigma = 1 needs sigma_after_one (the schedule's second sigma)")
+        tilde = torch.where(at_one, _column(sigma_after_one, like), s) if bool(at_one.any()) else s
+        level = noise_level * torch.sqrt(s / (1 - tilde))
+        half = level**2 / (2 * s)
+        return 1 + half * delta, delta * (1 + half * (1 - s)), level * torch.sqrt(-delta)
+    std = s_next * math.sin(noise_level * math.pi / 2)
+    c = torch.sqrt((s_next**2 - std**2).clamp(min=0))
+    return (1 - s_next) + c, c * (1 - s) - (1 - s_next) * s, std
 
 
 def flow_step_with_logprob(
@@ -70,6 +97,10 @@ def flow_step_with_logprob(
         sigma_after_one: σ̃ where σ = 1 (the schedule's second sigma), needed only then.
         prev_sample: the action to score; sampled (with ``generator``) when None.
 
+    The mean is affine in (x, v) (:func:`step_coefficients`), so a stochastic step runs as the
+    fused affine Gaussian kernel where :func:`diffrl.ops.use_triton` allows; the two torch lines
+    below are its reference.
+
     Returns:
         :class:`StepOutput` with the action, its element-mean log-prob ``[B]`` (None for the ODE),
         the mean and the std ``[B, 1, 1, 1]`` (zeros for the ODE, and for CPS onto σ' = 0, which
@@ -78,29 +109,26 @@ def flow_step_with_logprob(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     x, v = sample.float(), velocity.float()
-    s, s_next = _column(sigma, x), _column(sigma_next, x)
-    delta = s_next - s
-    if kind == "ode":
-        mean = x + delta * v
-        return StepOutput(prev_sample=mean.detach(), log_prob=None, mean=mean, std=torch.zeros_like(s))
-    x1 = x + (1 - s) * v
-    if kind == "sde":
-        at_one = s >= 1
-        if bool(at_one.any()) and sigma_after_one is None:
-            raise ValueError("the SDE step at sigma = 1 needs sigma_after_one (the schedule's second sigma)")
-        tilde = torch.where(at_one, _column(sigma_after_one, x), s) if bool(at_one.any()) else s
-        level = noise_level * torch.sqrt(s / (1 - tilde))
-        mean = x + (v + level**2 / (2 * s) * x1) * delta
-        std = level * torch.sqrt(-delta)
-    else:
-        std = s_next * math.sin(noise_level * math.pi / 2)
-        mean = (1 - s_next) * (x - s * v) + torch.sqrt((s_next**2 - std**2).clamp(min=0)) * x1
-    if not bool((std > 0).any()):  # CPS onto σ' = 0: deterministic, no density
+    a, b, std = step_coefficients(kind, sigma, sigma_next, noise_level, sigma_after_one, x)
+    if not bool((std > 0).any()):  # the ODE, and CPS onto σ' = 0: deterministic, no density
+        mean = a * x + b * v
         return StepOutput(prev_sample=mean.detach(), log_prob=None, mean=mean, std=std)
+    noise = None
     if prev_sample is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        prev_sample = mean + std * noise
-    prev_sample = prev_sample.detach().float()
+    if use_triton(x, v, op="flow step"):
+        mean, prev, log_prob = fused_affine_step_logprob(
+            x,
+            v,
+            a,
+            b,
+            std,
+            noise=noise,
+            prev_sample=None if prev_sample is None else prev_sample.detach().float(),
+        )
+        return StepOutput(prev_sample=prev.detach(), log_prob=log_prob, mean=mean, std=std)
+    mean = a * x + b * v
+    prev_sample = (mean + std * noise if prev_sample is None else prev_sample).detach().float()
     return StepOutput(
         prev_sample=prev_sample, log_prob=gaussian_logprob(prev_sample, mean, std), mean=mean, std=std
     )

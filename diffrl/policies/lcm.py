@@ -19,7 +19,7 @@ import torch
 from diffusers import LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffrl.ops import fused_ddim_step_logprob, gaussian_logprob, use_triton
+from diffrl.ops import fused_affine_step_logprob, gaussian_logprob, use_triton
 from diffrl.policies.ddim import predicted_x0
 from diffrl.types import StepOutput
 
@@ -97,7 +97,7 @@ def lcm_step_with_logprob(
         # mean = √ᾱ_t'·(c_skip·x + c_out·(x − √(1−ᾱ_t)·ε̂)/√ᾱ_t) is affine in (x, ε̂): the fused kernel
         a = alpha_next.sqrt() * (c_skip + c_out / alpha_t.sqrt())
         b = -alpha_next.sqrt() * c_out * (1 - alpha_t).sqrt() / alpha_t.sqrt()
-        mean, prev, log_prob = fused_ddim_step_logprob(
+        mean, prev, log_prob = fused_affine_step_logprob(
             sample.float(),
             noise_pred,
             a,
