@@ -100,11 +100,6 @@ class SampleConfig:
         )
         require(0 <= self.eta <= 1, "sample.eta", f"must be in [0, 1] (1 = DDPM posterior), got {self.eta}")
         require(
-            self.flow_step in ("sde", "cps"),
-            "sample.flow_step",
-            f"must be sde or cps, got {self.flow_step!r}",
-        )
-        require(
             self.max_sequence_length is None or 1 <= self.max_sequence_length <= 4096,
             "sample.max_sequence_length",
             f"must be in [1, 4096] tokens, got {self.max_sequence_length}",
@@ -149,6 +144,10 @@ class TrainConfig:
     adv_clip_max: float = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
     clip_range: float = 1e-4
+    kl_beta: float = 0.0
+    """β of the exact step-KL penalty to the LoRA-disabled reference, added to PPO's loss on every
+    trained step (DDPO, RLCM, GRPO: default 0.04 there; Flow-GRPO's code-β times |Δ|, see
+    :mod:`diffrl.algorithms.grpo`); 0 turns it off. Needs ``model.use_lora``."""
     """PPO ratio clip epsilon; assumes element-mean log-probs (DESIGN.md)."""
     max_nonfinite_steps: int = 5
     """Optimizer steps skipped for a non-finite loss or gradient in a row before the run stops."""
@@ -157,6 +156,7 @@ class TrainConfig:
     (checked on each epoch's first minibatch before any update; 0 turns the check off)."""
 
     def validate(self) -> None:
+        require(self.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {self.kl_beta}")
         for key in ("learning_rate", "adam_epsilon", "max_grad_norm", "adv_clip_max", "clip_range"):
             require(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
         require(self.learning_rate <= 1, "train.learning_rate", f"must be <= 1, got {self.learning_rate}")

@@ -9,6 +9,8 @@ two runs made back to back (the machine's speed drifts by up to 30% between seco
       those forwards plus a bare VAE decode of the final latents (the model calls any rollout makes);
   (b) training: one DDPO minibatch (T trained timesteps: guided forward, log-prob, PPO loss,
       backward, clip, Adam step) / the T bare UNet forward+backward passes on the same inputs.
+      (a) and (b) run on the tiny SD pipeline (DDIM) and again on the tiny SD3 pipeline (the
+      Flow-GRPO SDE with CFG, LoRA on the transformer; against the bare transformer calls).
 
   (c) branch sampling (B²-DiffuRL): images/s of ``sample_branches`` (batch/K trunks, K branches
       from the middle step) against plain sampling of the same number of images.
@@ -56,6 +58,7 @@ from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_branches, sample_trajectories
 from diffrl.run import Streams
 from diffrl.trainer import train
+from diffrl.transitions import denoiser, family
 from diffrl.types import SamplerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,35 +70,64 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
+FLOW_TOKENS = 32
+"""T5 tokens per prompt of the flow case (the tiny SD3 pipeline's text is short)."""
+
+
+def bare_model(pipe, traj):
+    """The denoiser called as bare as the pipeline needs it on the guided (doubled) batch of
+    ``traj``: ``call(x [2B, C, h, w], t [2B]) -> output`` (a UNet with the negative and prompt
+    embeddings; SD3's transformer with those and the pooled ones)."""
+    text = traj.text
+    embeds = torch.cat([text.negative, text.embeds])
+    if family(pipe) != "flow":
+        return lambda x, t: pipe.unet(x, t, encoder_hidden_states=embeds).sample
+    pooled = torch.cat([text.negative_pooled, text.pooled])
+    return lambda x, t: pipe.transformer(
+        hidden_states=x,
+        timestep=t,
+        encoder_hidden_states=embeds,
+        pooled_projections=pooled,
+        return_dict=False,
+    )[0]
+
+
+def bench(steps: int, batch: int, branches: int, repeats: int, model: str = "tiny-sd") -> dict:
+    """(a)-(c) on ``model`` (``tiny-sd``: DDIM; ``tiny-sd3-random``: the Flow-GRPO SDE with CFG)."""
+    flow = model == "tiny-sd3-random"
+    settings = SamplerSettings(
+        num_steps=steps, eta=0.7 if flow else 1.0, max_sequence_length=FLOW_TOKENS if flow else None
+    )
     config = load_config(
         None,
         [
-            "model.pretrained=tiny-sd",
+            f"model.pretrained={model}",
             f"sample.num_steps={steps}",
+            f"sample.eta={settings.eta}",
             f"sample.batch_size={batch}",
             "sample.num_batches_per_epoch=1",
             f"train.batch_size={batch}",
             "train.timesteps_per_pass=1",  # (b) compares with one bare forward+backward per timestep
-        ],
+        ]
+        + ([f"sample.max_sequence_length={FLOW_TOKENS}"] if flow else []),
     )
-    pipe = load_pipeline("tiny-sd")
+    pipe = load_pipeline(model)
     params = prepare_denoiser(pipe, config, torch.float32)
     optimizer = make_optimizer(params, config)
-    unet, prompts = pipe.unet, [f"a red circle {i}" for i in range(batch)]
+    unet, prompts = denoiser(pipe), [f"a red circle {i}" for i in range(batch)]
     generator = torch.Generator().manual_seed(0)
-    traj = sample_trajectories(pipe, prompts, SamplerSettings(num_steps=steps), generator=generator)
-    embeds = torch.cat([traj.text.negative, traj.text.embeds])
+    traj = sample_trajectories(pipe, prompts, settings, generator=generator)
+    call = bare_model(pipe, traj)
     inputs = [torch.cat([traj.latents[:, j]] * 2) for j in range(steps)]
-    t2 = [torch.full((2 * batch,), int(t)) for t in traj.timesteps]
+    t2 = [torch.full((2 * batch,), t.item(), dtype=traj.timesteps.dtype) for t in traj.timesteps]
 
     def rollout():
-        sample_trajectories(pipe, prompts, SamplerSettings(num_steps=steps), generator=generator)
+        sample_trajectories(pipe, prompts, settings, generator=generator)
 
     @torch.no_grad()
     def bare_forward():
         for x, t in zip(inputs, t2):
-            unet(x, t, encoder_hidden_states=embeds)
+            call(x, t)
 
     batch_data = Batch(
         members=torch.arange(batch)[:, None],
@@ -119,18 +151,18 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
         sample_branches(
             pipe,
             trunks,
-            SamplerSettings(num_steps=steps),
+            settings,
             branch_step=steps // 2,
             num_branches=branches,
             generator=generator,
         )
 
     def plain():
-        sample_trajectories(
-            pipe, prompts[: len(trunks)] * branches, SamplerSettings(num_steps=steps), generator=generator
-        )
+        sample_trajectories(pipe, prompts[: len(trunks)] * branches, settings, generator=generator)
 
-    final = traj.latents[:, -1] / pipe.vae.config.scaling_factor
+    final = traj.latents[:, -1] / pipe.vae.config.scaling_factor + (
+        pipe.vae.config.get("shift_factor") or 0.0
+    )
 
     @torch.no_grad()
     def bare_decode():
@@ -138,7 +170,7 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
 
     def bare_backward():
         for x, t in zip(inputs, t2):
-            unet(x, t, encoder_hidden_states=embeds).sample.float().pow(2).mean().backward()
+            call(x, t).float().pow(2).mean().backward()
         optimizer.zero_grad()
 
     cases = {
@@ -162,6 +194,7 @@ def bench(steps: int, batch: int, branches: int, repeats: int) -> dict:
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
     return {
+        "model": model,
         "steps": steps,
         "batch": batch,
         "repeats": repeats,
@@ -320,6 +353,27 @@ def svdd_at(m: int, steps: int) -> dict:
     }
 
 
+def print_overhead(result: dict) -> None:
+    """Tables (a) and (b) of one :func:`bench` result."""
+    med, batch = result["median_seconds"], result["batch"]
+    print(
+        f"\n{result['model']}, T={result['steps']}, batch={batch}, median of {result['repeats']} interleaved repeats"
+    )
+    print("| measure | diffrl (s) | bare model (s) | ratio | target |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| rollout | {med['rollout']:.4f} | {med['bare_forward']:.4f} | {result['rollout_ratio']:.3f} | <= 1.05 |"
+    )
+    print(
+        f"| rollout vs bare model + VAE decode | {med['rollout']:.4f} | {med['bare_forward'] + med['bare_decode']:.4f} "
+        f"| {result['rollout_ratio_with_decode']:.3f} | |"
+    )
+    print(f"(sampling: {batch / med['rollout']:.1f} images/s)")
+    print(
+        f"| training step | {med['train_step']:.4f} | {med['bare_backward']:.4f} | {result['train_ratio']:.3f} | <= 1.05 |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -327,6 +381,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--branches", type=int, default=4)
+    parser.add_argument(
+        "--flow-steps", type=int, default=10, help="sampler steps of the flow case (Flow-GRPO: 10)"
+    )
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--M", type=int, default=8)
     parser.add_argument("--lcm-steps", type=int, default=4)
@@ -336,21 +393,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = bench(args.steps, args.batch, args.branches, args.repeats)
+    print_overhead(result)
+    result["flow"] = bench(args.flow_steps, args.batch, args.branches, args.repeats, model="tiny-sd3-random")
+    print_overhead(result["flow"])
     med = result["median_seconds"]
-    print(f"tiny-sd, T={args.steps}, batch={args.batch}, median of {args.repeats} interleaved repeats")
-    print("| measure | diffrl (s) | bare UNet (s) | ratio | target |")
-    print("|---|---|---|---|---|")
-    print(
-        f"| rollout | {med['rollout']:.4f} | {med['bare_forward']:.4f} | {result['rollout_ratio']:.3f} | <= 1.05 |"
-    )
-    print(
-        f"| rollout vs bare UNet + VAE decode | {med['rollout']:.4f} | {med['bare_forward'] + med['bare_decode']:.4f} "
-        f"| {result['rollout_ratio_with_decode']:.3f} | |"
-    )
-    print(f"(sampling: {args.batch / med['rollout']:.1f} images/s)")
-    print(
-        f"| training step | {med['train_step']:.4f} | {med['bare_backward']:.4f} | {result['train_ratio']:.3f} | <= 1.05 |"
-    )
     images = result["branch_images"]
     print(
         f"\nbranch sampling, {images} images ({images // args.branches} trunks x {args.branches} branches from step "

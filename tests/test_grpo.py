@@ -69,7 +69,7 @@ def test_the_epoch_draws_each_prompt_once_per_group():
         load_config(CONFIG, ["grpo.group_size=5"])
     with pytest.raises(ConfigError, match=r"grpo.group_size: must be >= 2"):
         load_config(CONFIG, ["grpo.group_size=1"])
-    with pytest.raises(ConfigError, match=r"grpo.beta: 0.04 needs model.use_lora: true"):
+    with pytest.raises(ConfigError, match=r"train.kl_beta: 0.04 needs model.use_lora: true"):
         load_config(CONFIG, ["model.use_lora=false"])
 
 
@@ -143,7 +143,7 @@ def test_grpo_raises_a_learnable_reward_and_its_kl_grows_as_the_policy_leaves(tm
     full = [
         "run.name=full",
         "run.num_epochs=8",
-        "grpo.beta=0",
+        "train.kl_beta=0",
         "model.use_lora=false",
         "train.learning_rate=1e-3",
     ]
@@ -151,7 +151,39 @@ def test_grpo_raises_a_learnable_reward_and_its_kl_grows_as_the_policy_leaves(tm
     rewards = [r["reward_mean"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.015, rewards
 
-    lora = ["run.name=lora", "run.num_epochs=4", "grpo.beta=0.04", "train.learning_rate=1e-2"]
+    lora = ["run.name=lora", "run.num_epochs=4", "train.kl_beta=0.04", "train.learning_rate=1e-2"]
     train(resolve_train_config(CONFIG, [*common, *lora], None))
     kl = [r["kl"] for r in read_jsonl(tmp_path / "lora" / "metrics.jsonl")]
     assert kl[0] < kl[-1] and kl[0] < 0.01, kl
+
+
+def test_ddpo_and_rlcm_take_the_kl_penalty_of_the_shared_loss():
+    """``train.kl_beta`` adds β times the valid items' mean KL to PPO's loss, for DDPO (and RLCM,
+    whose loss it is); GRPO's loss is the same function with β = 0.04 by default."""
+    from diffrl.algorithms import Term, ddpo, get, rlcm
+    from diffrl.algorithms.ddpo import ppo_loss
+
+    assert get("grpo").module.loss is ddpo.loss and rlcm.loss is ddpo.loss
+    assert load_config(CONFIG, []).train.kl_beta == 0.04  # the config's value
+    assert load_config(None, ["algorithm=grpo"]).train.kl_beta == 0.04  # GRPO's default
+    assert load_config(None, ["algorithm=ddpo"]).train.kl_beta == 0.0
+    g = torch.Generator().manual_seed(0)
+    log_prob, old = torch.randn(4, 1, generator=g), torch.randn(4, 1, generator=g)
+    kl = torch.rand(4, 1, generator=g)
+    valid = torch.tensor([True, True, False, True])
+    term = Term(torch.arange(4), torch.zeros(4, dtype=torch.long), valid, log_prob, old, None, lambda: kl)
+    batch = Batch(
+        members=torch.arange(4)[:, None],
+        trained=torch.ones(4, dtype=torch.bool),
+        rewards=torch.zeros(4),
+        values={"advantages": torch.tensor([1.0, -2.0, 0.5, 3.0])},
+    )
+    config = load_config(None, ["algorithm=ddpo", "train.kl_beta=0.5", "train.clip_range=0.1"])
+    value, stats = ddpo.loss(term, batch, config)
+    ppo, _ = ppo_loss(log_prob[:, 0], old[:, 0], batch.values["advantages"], 0.1, 5.0, valid)
+    expected_kl = kl[valid, 0].mean()
+    torch.testing.assert_close(stats["kl"], expected_kl)
+    torch.testing.assert_close(value, ppo + 0.5 * expected_kl)
+    without, stats = ddpo.loss(term, batch, load_config(None, ["algorithm=ddpo", "train.clip_range=0.1"]))
+    torch.testing.assert_close(without, ppo)
+    assert "kl" not in stats

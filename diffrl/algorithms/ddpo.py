@@ -10,6 +10,8 @@ takes the importance-sampled gradient of E[r] with PPO's clipped surrogate (Schu
 
 with log-probs in diffrl's element-mean convention (that is what makes eps = 1e-4 meaningful) and
 advantages A from per-prompt reward statistics (Sec. 4.3), clipped to [-adv_clip_max, adv_clip_max].
+``train.kl_beta`` > 0 adds β·KL(π_θ || π_ref) per trained step, the exact KL of the two step
+Gaussians (:mod:`diffrl.algorithms.grpo` explains it; RLCM and GRPO share this loss).
 
 On a flow model's SDE (Flow-GRPO's policy) this is GRPO with per-prompt history instead of
 groups (:mod:`diffrl.algorithms.grpo`): the same loss through the same transition.
@@ -101,8 +103,14 @@ def setup(config) -> PerPromptStatTracker | None:
 
 
 def validate(config) -> None:
-    """Whole optimizer steps per epoch: every sample is trained, so the counts must divide."""
+    """Whole optimizer steps per epoch (every sample is trained, so the counts must divide); the
+    KL penalty's reference exists (LoRA)."""
     s, t = config.sample, config.train
+    if t.kl_beta > 0 and not config.model.use_lora:
+        raise ConfigError(
+            f"train.kl_beta: {t.kl_beta} needs model.use_lora: true (the reference is the denoiser with its LoRA "
+            "adapters disabled; full fine-tuning keeps no frozen copy); or train.kl_beta: 0"
+        )
     samples, per_step = s.batch_size * s.num_batches_per_epoch, t.batch_size * t.gradient_accumulation_steps
     if samples % per_step:
         raise ConfigError(
@@ -127,10 +135,18 @@ def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
 
 
 def loss(term: Term, batch: Batch, config) -> tuple[torch.Tensor, dict]:
-    """The PPO clipped surrogate of one term (:func:`ppo_loss`) and its approx_kl / clipfrac."""
+    """The PPO clipped surrogate of one term (:func:`ppo_loss`) plus ``train.kl_beta`` times the
+    exact step KL to the reference (both averaged over the term's valid items); approx_kl,
+    clipfrac and, with the penalty, kl."""
     t = config.train
     advantages = batch.values["advantages"][batch.members[term.rows, 0]]
     value, stats = ppo_loss(
         term.log_prob[:, 0], term.old_log_prob[:, 0], advantages, t.clip_range, t.adv_clip_max, term.valid
     )
-    return value, {"approx_kl": stats.approx_kl, "clipfrac": stats.clipfrac}
+    out = {"approx_kl": stats.approx_kl, "clipfrac": stats.clipfrac}
+    if t.kl_beta > 0:
+        weight = term.valid.to(value.device, torch.float32)
+        kl = (term.kl()[:, 0] * weight).sum() / weight.sum().clamp(min=1.0)
+        value = value + t.kl_beta * kl
+        out["kl"] = kl.detach()
+    return value, out

@@ -21,7 +21,7 @@ weighs steps by their width |Δ|. Here the penalty is the KL itself, so β means
 step and on every sampler (a Flow-GRPO β corresponds to about β·|Δ| here at a 10-step schedule's
 typical |Δ| ≈ 0.1: reuse its values with that in mind).
 
-With ``grpo.beta: 0`` and groups of one this is DDPO without its reward history: one code path.
+With ``train.kl_beta: 0`` and groups of one this is DDPO without its reward history: one code path.
 It trains the DDIM sampler, a latent consistency model's (RLCM's policy) and a flow model's SDE
 (Flow-GRPO) alike; the sampler is the pipeline's (:mod:`diffrl.transitions`).
 """
@@ -32,12 +32,16 @@ from dataclasses import dataclass
 
 import torch
 
-from diffrl.algorithms import Batch, Context, Plan, Rollouts, Term, gather, per_sample
-from diffrl.algorithms.ddpo import ppo_loss
+from diffrl.algorithms import Batch, Context, Plan, Rollouts, gather, per_sample
+from diffrl.algorithms.ddpo import loss
 from diffrl.algorithms.ddpo import validate as validate_batches
 from diffrl.errors import require
 
 SECTION = "grpo"
+__all__ = ["DEFAULTS", "MODEL", "SECTION", "Config", "loss", "plan", "prepare", "validate"]
+
+DEFAULTS: dict[str, dict] = {"train": {"kl_beta": 0.04}}
+"""GRPO's KL penalty is on unless a config says otherwise (Flow-GRPO's GenEval β)."""
 MODEL = ("ddim", "lcm", "flow")
 """GRPO trains the DDIM sampler, a latent consistency model's (:mod:`diffrl.policies.lcm`) and a
 flow model's SDE or CPS step (:mod:`diffrl.policies.flow`: SD3, FLUX)."""
@@ -49,14 +53,11 @@ class GRPOConfig:
     """G: chains per prompt per epoch (Flow-GRPO: 24); divides the epoch's samples per process."""
     global_std: bool = False
     """Divide advantages by the whole gathered batch's reward std instead of each group's."""
-    beta: float = 0.04
-    """β of the KL penalty to the LoRA-disabled reference (Flow-GRPO GenEval 0.04; 0 turns it off)."""
     std_eps: float = 1e-4
     """eps added to the std of the advantage (Flow-GRPO: 1e-4)."""
 
     def validate(self) -> None:
         require(self.group_size >= 2, "grpo.group_size", f"must be >= 2, got {self.group_size}")
-        require(self.beta >= 0, "grpo.beta", f"must be >= 0, got {self.beta}")
         require(self.std_eps > 0, "grpo.std_eps", f"must be > 0, got {self.std_eps}")
 
 
@@ -71,12 +72,6 @@ def validate(config) -> None:
         samples % g.group_size == 0,
         "grpo.group_size",
         f"{g.group_size} must divide sample.batch_size * sample.num_batches_per_epoch = {samples}",
-    )
-    require(
-        g.beta == 0 or config.model.use_lora,
-        "grpo.beta",
-        f"{g.beta} needs model.use_lora: true (the reference is the UNet with its LoRA adapters "
-        "disabled; full fine-tuning keeps no frozen copy); or grpo.beta: 0",
     )
     validate_batches(config)
 
@@ -112,20 +107,3 @@ def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
     batch = per_sample(advantages, trained, gathered)
     batch.metrics["frac_zero_advantage"] = 1.0 - trained.float().mean().item()
     return batch
-
-
-def loss(term: Term, batch: Batch, config) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate plus β times the exact step KL to the reference (both averaged over
-    the term's valid items)."""
-    t, beta = config.train, config.grpo.beta
-    advantages = batch.values["advantages"][batch.members[term.rows, 0]]
-    value, stats = ppo_loss(
-        term.log_prob[:, 0], term.old_log_prob[:, 0], advantages, t.clip_range, t.adv_clip_max, term.valid
-    )
-    out = {"approx_kl": stats.approx_kl, "clipfrac": stats.clipfrac}
-    if beta > 0:
-        weight = term.valid.to(value.device, torch.float32)
-        kl = (term.kl()[:, 0] * weight).sum() / weight.sum().clamp(min=1.0)
-        value = value + beta * kl
-        out["kl"] = kl.detach()
-    return value, out
