@@ -64,15 +64,15 @@ def text_encoders(pipe) -> list[torch.nn.Module]:
     return [m for m in (getattr(pipe, n, None) for n in names) if m is not None]
 
 
-def _prompt_cache(text_encoder: torch.nn.Module) -> OrderedDict:
-    """The embedding cache of ``text_encoder``, emptied whenever its parameters changed: a
-    parameter added, removed, replaced or modified in place (a LoRA loaded, weights fused or loaded;
-    each in-place write bumps the tensor's version counter)."""
-    state = tuple((id(p), p._version, p.dtype, p.device) for p in text_encoder.parameters())
-    entry = _prompt_caches.get(text_encoder)
+def _prompt_cache(encoders: list[torch.nn.Module]) -> OrderedDict:
+    """The embedding cache of a pipeline's text ``encoders`` (kept with the first), emptied whenever
+    any of their parameters changed: a parameter added, removed, replaced or modified in place (a
+    LoRA loaded, weights fused or loaded; each in-place write bumps the tensor's version counter)."""
+    state = tuple((id(p), p._version, p.dtype, p.device) for m in encoders for p in m.parameters())
+    entry = _prompt_caches.get(encoders[0])
     if entry is None or entry[0] != state:
         entry = (state, OrderedDict())
-        _prompt_caches[text_encoder] = entry
+        _prompt_caches[encoders[0]] = entry
     return entry[1]
 
 
@@ -109,7 +109,7 @@ def encode_prompts(
     for SD3/FLUX (None: the pipeline's default).
 
     Each distinct text is encoded once with the pipeline's ``encode_prompt`` and cached for its
-    first text encoder (:data:`PROMPT_CACHE_SIZE` entries, dropped when its parameters change): a
+    text encoders (:data:`PROMPT_CACHE_SIZE` entries, dropped when their parameters change): a
     training run re-draws the same prompts and the same negative prompt every batch. The negative
     prompt is encoded as a prompt, which is what ``encode_prompt`` does for it (same tokenizer
     padding, same encoder calls). A LoRA scale changed without touching parameters
@@ -117,7 +117,7 @@ def encode_prompts(
     """
     device = torch.device(device or pipe._execution_device)
     texts = list(prompts) + [negative_prompt or ""] if guided else list(prompts)
-    cache = _prompt_cache(text_encoders(pipe)[0])
+    cache = _prompt_cache(text_encoders(pipe))
     keys = [(t, device, max_sequence_length) for t in texts]
     missing = list(dict.fromkeys(k for k in keys if k not in cache))
     if missing:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from diffusers import FluxPipeline
 
 from diffrl.cli import resolve_train_config
 from diffrl.config import load_config
@@ -57,7 +58,7 @@ def test_the_ode_chain_is_the_diffusers_pipelines_own_sampler(flow_pipe, guidanc
     x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     traj = sample_trajectories(flow_pipe, PROMPTS, settings, latents=x_T)
     assert traj.log_probs is None and traj.latents.shape == (3, 5, 4, 8, 8)
-    flux = isinstance(flow_pipe, type(tiny_flux_pipeline()))
+    flux = isinstance(flow_pipe, FluxPipeline)
     with torch.no_grad():
         want = flow_pipe(
             PROMPTS,
@@ -199,3 +200,23 @@ def test_grpo_trains_a_flow_model_and_leaves_the_reference(tmp_path):
     assert [r["epoch"] for r in records] == [0, 1] and records[1]["num_trained"] > 0
     assert 0 < records[0]["kl"] < records[1]["kl"], [r["kl"] for r in records]
     assert (tmp_path / "grpo_tiny_geneval" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_sd3_text_is_the_pipelines_encoding_and_its_cache_sees_every_encoder():
+    """Cached SD3 text (per-token and pooled, prompt and negative) equals ``encode_prompt``'s; a
+    weight change in the T5 encoder (not the first one) empties the cache."""
+    from diffrl.transitions import encode_prompts
+
+    pipe = tiny_sd3_pipeline(seed=4)
+    want = pipe.encode_prompt(PROMPTS, None, None, negative_prompt="blurry", max_sequence_length=TOKENS)
+    text = encode_prompts(pipe, PROMPTS, "blurry", True, "cpu", TOKENS)
+    for got, expected in zip((text.embeds, text.negative, text.pooled, text.negative_pooled), want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        next(pipe.text_encoder_3.parameters()).add_(0.5)
+    changed = encode_prompts(pipe, PROMPTS, "blurry", True, "cpu", TOKENS)
+    fresh = pipe.encode_prompt(
+        PROMPTS, None, None, do_classifier_free_guidance=False, max_sequence_length=TOKENS
+    )
+    torch.testing.assert_close(changed.embeds, fresh[0], rtol=0, atol=1e-5)
+    assert (changed.embeds - text.embeds).abs().max() > 1e-3
