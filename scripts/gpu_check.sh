@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the kernel tests compiled for the GPU (no interpreter), the kernel benchmark,
-# and how far the PPO ratio of an unchanged policy strays from 1 under fp32/bf16/fp16 for DDPO and
-# RLCM. Finishes in a few minutes.   bash scripts/gpu_check.sh [OUT_DIR]
+# and how far the PPO ratio of an unchanged policy strays from 1 under fp32/bf16/fp16 for DDPO,
+# RLCM and GRPO on the tiny SD3 pipeline (the flow SDE). Finishes in a few minutes.   bash scripts/gpu_check.sh [OUT_DIR]
 # diffrl must be importable (pip install -e ".[dev,gpu]", or PYTHONPATH=. with the dependencies).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,8 @@ for dtype in float32 bfloat16; do
   tail -12 "$out/bench_kernels_$dtype.txt"
 done
 lcm="${LCM_MODEL:-tiny-lcm}"
-for config in "configs/ddpo/tiny_alignment.yaml" "configs/rlcm/tiny_alignment.yaml model.pretrained=$lcm"; do
+flow="configs/grpo/tiny_geneval.yaml model.pretrained=tiny-sd3-random sample.eta=0.7 sample.max_sequence_length=16"
+for config in "configs/ddpo/tiny_alignment.yaml" "configs/rlcm/tiny_alignment.yaml model.pretrained=$lcm" "$flow"; do
   for precision in no bf16 fp16; do
     python3 scripts/ratio_check.py $config "model.mixed_precision=$precision" 2>/dev/null | tail -1
   done

@@ -22,6 +22,7 @@ from diffrl.collect import lora_merged, sample_batch
 from diffrl.config import load_config
 from diffrl.learner import build_learner, pass_rows
 from diffrl.prompts import load_prompts
+from diffrl.transitions import denoiser
 
 
 def log_ratios(config, lora_std: float = 0.0) -> dict:
@@ -40,7 +41,7 @@ def log_ratios(config, lora_std: float = 0.0) -> dict:
     source = load_prompts(config.prompts.source)
     gen = torch.Generator().manual_seed(config.run.seed)
     prompts = source.sample(config.sample.batch_size, gen)
-    with torch.no_grad(), accelerator.autocast(), lora_merged(pipe.unet, learner.merge_sampling):
+    with torch.no_grad(), accelerator.autocast(), lora_merged(denoiser(pipe), learner.merge_sampling):
         traj = sample_batch(pipe, config, prompts, gen)
     num, steps = traj.log_probs.shape
     per_pass = steps if config.train.timesteps_per_pass == "auto" else config.train.timesteps_per_pass
