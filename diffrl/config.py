@@ -41,7 +41,7 @@ class ModelConfig:
     lora_alpha: float = 4.0
     """LoRA alpha (scale = alpha / rank)."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names that get LoRA adapters."""
+    """Denoiser module names (UNet, or SD3/FLUX transformer) that get LoRA adapters."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Dtype of frozen weights and autocast; LoRA and full fine-tuning weights stay float32."""
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
