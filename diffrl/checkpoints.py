@@ -1,7 +1,8 @@
 """Checkpoints: atomic, verified, resumable, pruned.
 
 A checkpoint is the folder ``<run>/checkpoints/epoch_XXXX`` holding the trainable weights
-(``trainable.safetensors``), the optimizer state (``optimizer.pt``, read back with
+(``trainable.safetensors``), the moving average of them when the run keeps one
+(``ema.safetensors``, :mod:`diffrl.ema`), the optimizer state (``optimizer.pt``, read back with
 ``weights_only=True``), each process's RNG streams (``rng_rank{r}.pt``), ``state.json`` (the
 epoch it completed, the algorithm's state) and, written last, ``manifest.json``: the size and
 SHA-256 of every other file. It is written under a ``.tmp`` name and renamed only when complete,
@@ -167,8 +168,10 @@ def save_checkpoint(
     rank: int,
     is_main: bool,
     barrier,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path | None:
     """Write the checkpoint after ``epoch``; every process calls it (``barrier`` syncs them).
+    ``tensors`` maps more safetensors files of the main process to their contents (``ema.safetensors``).
 
     Returns the final folder on the main process, else None.
     """
@@ -183,6 +186,8 @@ def save_checkpoint(
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, epoch=epoch)))
+        for name, contents in (tensors or {}).items():
+            save_file({k: v.contiguous() for k, v in contents.items()}, str(tmp / name))
     barrier()
     if not is_main:
         return None
@@ -205,6 +210,12 @@ def _read(path: Path, kind: str, read):
     except (OSError, SafetensorError, RuntimeError, ValueError, EOFError, KeyError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputFileError(f"{path}: cannot be read as {kind} ({message})") from err
+
+
+def load_tensors(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``checkpoint/name`` (one of :func:`save_checkpoint`'s ``tensors``); a missing
+    or damaged file is an :class:`InputFileError` naming it."""
+    return _read(checkpoint / name, "safetensors tensors", lambda p: load_file(str(p)))
 
 
 def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer, rank: int) -> tuple[dict, dict]:

@@ -144,11 +144,18 @@ class TrainConfig:
     adv_clip_max: float = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max]."""
     clip_range: float = 1e-4
+    """PPO ratio clip epsilon; assumes element-mean log-probs (DESIGN.md)."""
     kl_beta: float = 0.0
     """β of the exact step-KL penalty to the LoRA-disabled reference, added to PPO's loss on every
     trained step (DDPO, RLCM, GRPO: default 0.04 there; Flow-GRPO's code-β times |Δ|, see
     :mod:`diffrl.algorithms.grpo`); 0 turns it off. Needs ``model.use_lora``."""
-    """PPO ratio clip epsilon; assumes element-mean log-probs (DESIGN.md)."""
+    ema: bool = False
+    """Keep an exponential moving average of the trained weights (:mod:`diffrl.ema`); the grids after
+    training, the exported weights and the returned pipeline hold it (Flow-GRPO evaluates it)."""
+    ema_decay: float = 0.9
+    """The average's weight on its old value once warmed up: d_n = min((1 + n) / (10 + n), ema_decay)."""
+    ema_every: int = 8
+    """Optimizer steps between updates of the average."""
     max_nonfinite_steps: int = 5
     """Optimizer steps skipped for a non-finite loss or gradient in a row before the run stops."""
     ratio_tolerance: float = 1e-2
@@ -157,6 +164,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         require(self.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {self.kl_beta}")
+        require(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        require(self.ema_every >= 1, "train.ema_every", f"must be >= 1, got {self.ema_every}")
         for key in ("learning_rate", "adam_epsilon", "max_grad_norm", "adv_clip_max", "clip_range"):
             require(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
         require(self.learning_rate <= 1, "train.learning_rate", f"must be <= 1, got {self.learning_rate}")

@@ -18,6 +18,7 @@ from diffusers import UNet2DConditionModel
 
 from diffrl.algorithms import Batch, Term
 from diffrl.collect import sampler_settings
+from diffrl.ema import EMA
 from diffrl.errors import ConfigError
 from diffrl.guards import NonFiniteGuard, check_log_ratios, optimizer_step
 from diffrl.ops import gaussian_kl
@@ -109,9 +110,12 @@ def build_learner(config, accelerator: Accelerator) -> Learner:
     params = prepare_denoiser(pipe, config, weight_dtype)
     if m.compile:  # in place: the pipeline keeps the same module (LoRA saving, merging, adapters)
         model.compile()
+    t = config.train
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ema = EMA(trained, t.ema_decay, t.ema_every) if t.ema else None
     unet, optimizer = accelerator.prepare(model, make_optimizer(params, config))
     return Learner(
-        unet, pipe, optimizer, params, accelerator, NonFiniteGuard(config.train.max_nonfinite_steps), config
+        unet, pipe, optimizer, params, accelerator, NonFiniteGuard(t.max_nonfinite_steps), config, ema
     )
 
 
@@ -198,7 +202,8 @@ class Learner:
     """The trainable policy and what updates it: the accelerate-wrapped denoiser ``unet`` (a UNet
     or a flow transformer; ``denoiser(pipe)`` is the same weights unwrapped), the AdamW over ``params``, and the non-finite guard.
 
-    ``merge_sampling`` says whether rollouts fold LoRA into the base weights (``sample.merge_lora``;
+    ``ema`` is the moving average of the trained weights (``train.ema``), updated after each
+    optimizer step taken. ``merge_sampling`` says whether rollouts fold LoRA into the base weights (``sample.merge_lora``;
     ``auto`` turns it off for good once the ratio check measures more than :data:`MERGE_TOLERANCE`)."""
 
     unet: torch.nn.Module
@@ -208,6 +213,7 @@ class Learner:
     accelerator: Accelerator
     guard: NonFiniteGuard
     config: object
+    ema: EMA | None = None
     loss_fault: str | None = None
     merge_sampling: bool = False
     per_pass: int | None = None
@@ -260,6 +266,8 @@ class Learner:
                     self.optimizer, self.params, self.named_params, self.loss_fault, self.config, accelerator
                 )
                 self.guard.record(fault, where)
+                if fault is None and self.ema is not None:
+                    self.ema.update()
                 self.loss_fault = None
         return {"loss": loss.item(), **{k: float(v) for k, v in stats.items()}}
 

@@ -14,13 +14,20 @@ import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from diffrl import runfolder
-from diffrl.checkpoints import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from diffrl.checkpoints import (
+    load_checkpoint,
+    load_tensors,
+    prune_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
 from diffrl.collect import sample_batch, score_images
 from diffrl.config import dump_yaml, to_dict
 from diffrl.configfile import flatten
@@ -36,6 +43,9 @@ from diffrl.files import (
 )
 from diffrl.report import write_report
 from diffrl.transitions import denoiser, family
+
+EMA_FILE = "ema.safetensors"
+"""The checkpoint file of the moving average (``train.ema``)."""
 
 
 @dataclass
@@ -176,6 +186,10 @@ class Run:
                 if hasattr(state, "load_state_dict") and saved.get("tracker"):
                     state.load_state_dict(saved["tracker"])
                 learner.merge_sampling = saved.get("merge_sampling", learner.merge_sampling)
+                if learner.ema is not None:
+                    learner.ema.load_state_dict(
+                        load_tensors(checkpoint, EMA_FILE), str(checkpoint / EMA_FILE)
+                    )
                 self.start_epoch = saved["epoch"] + 1
         if self.main:
             if config.run.overwrite and not config.run.resume_from:
@@ -196,7 +210,7 @@ class Run:
         if self.main and self.start_epoch == 0:
             self.grid("before.png")
         if self.main and self.start_epoch >= config.run.num_epochs:
-            export_weights(learner.pipe, config.model.use_lora, self.dir)  # killed after its last checkpoint
+            self.export()  # killed after its last checkpoint
 
     @property
     def epochs(self) -> range:
@@ -208,10 +222,23 @@ class Run:
         prompts = [self.grid_prompts[i % len(self.grid_prompts)] for i in range(16)]
         print(f"diffrl: sampling the fixed-seed grid samples/{name}", file=sys.stderr, flush=True)
         pipe = self.learner.pipe
-        traj = sample_batch(pipe, self.config, prompts, torch.Generator().manual_seed(self.config.run.seed))
+        with self.averaged():
+            traj = sample_batch(
+                pipe, self.config, prompts, torch.Generator().manual_seed(self.config.run.seed)
+            )
         values = score_images(self.reward_fn, traj, self.config, f"sample grid {name}")
         captions = [f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values.tolist())]
         self._later(save_png, image_grid(traj.images, captions), self.dir / "samples" / name)
+
+    def averaged(self):
+        """Inside the block the denoiser holds the moving average of its trained weights when the
+        run keeps one (``train.ema``), else its own weights."""
+        return self.learner.ema.applied() if self.learner.ema is not None else nullcontext()
+
+    def export(self) -> None:
+        """:func:`export_weights` of the averaged weights (``train.ema``) or the trained ones."""
+        with self.averaged():
+            export_weights(self.learner.pipe, self.config.model.use_lora, self.dir)
 
     def _later(self, fn, *args) -> None:
         self.pending = [f for f in self.pending if not f.done()] + [self.outputs.submit(fn, *args)]
@@ -274,6 +301,7 @@ class Run:
         learner, accelerator = self.learner, self.accelerator
         self.flush()
         tracker = self.state.state_dict() if hasattr(self.state, "state_dict") else None
+        ema = learner.ema
         save_checkpoint(
             self.dir,
             epoch,
@@ -284,18 +312,21 @@ class Run:
             accelerator.process_index,
             self.main,
             accelerator.wait_for_everyone,
+            {EMA_FILE: ema.state_dict()} if ema is not None else None,
         )
         if self.main:
             prune_checkpoints(self.dir, self.config.run.keep_last)
-            export_weights(learner.pipe, self.config.model.use_lora, self.dir)
+            self.export()
 
     def finish(self):
         """After the last epoch: ``samples/after.png``, the report, the trackers closed; returns
-        the pipeline holding the trained weights."""
+        the pipeline holding the trained weights (their moving average with ``train.ema``)."""
         if self.main:
             self.grid("after.png")
             self.flush()
             write_report(self.dir)
         self.outputs.shutdown()
         self.accelerator.end_training()
+        if self.learner.ema is not None:
+            self.learner.ema.copy_to_params()
         return self.learner.pipe

@@ -48,8 +48,8 @@ def _metrics(run: Path) -> list[dict]:
     ]
 
 
-def _weights(run: Path, epoch: int) -> dict:
-    return load_file(str(run / "checkpoints" / f"epoch_{epoch:04d}" / "trainable.safetensors"))
+def _weights(run: Path, epoch: int, name: str = "trainable") -> dict:
+    return load_file(str(run / "checkpoints" / f"epoch_{epoch:04d}" / f"{name}.safetensors"))
 
 
 # ---------------------------------------------------------------------------- reward faults
@@ -482,14 +482,15 @@ GRPO = str(ROOT / "configs" / "grpo" / "tiny_geneval.yaml")
 GRPO_CRASH = [
     "sample.num_steps=4", "sample.batch_size=8", "train.batch_size=4", "train.gradient_accumulation_steps=1",
     "grpo.group_size=4", "prompts.source=toy_train_single", "reward.name=jpeg_compressibility",
-    "run.num_epochs=3", "run.save_freq=1", "run.deterministic=true",
+    "run.num_epochs=3", "run.save_freq=1", "run.deterministic=true", "train.ema=true", "train.ema_every=1",
 ]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_grpo_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
-    """GRPO's state (grouped prompt draws, the KL's reference pass) resumes crash-exact too:
-    killed at epoch 1's reward call (the grid, epoch 0 and epoch 1 make one call each)."""
+    """GRPO's state (grouped prompt draws, the KL's reference pass, the moving average of the
+    weights) resumes crash-exact too: killed at epoch 1's reward call (the grid, epoch 0 and epoch 1
+    make one call each)."""
     train(resolve_train_config(GRPO, [*GRPO_CRASH, f"run.output_dir={tmp_path}", "run.name=ref"], None))
     args = [GRPO, *GRPO_CRASH, f"run.output_dir={tmp_path}", "run.name=crash"]
     killed = subprocess.run(
@@ -504,6 +505,8 @@ def test_grpo_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
     train(resolve_train_config(None, [], str(run)))
     for name, tensor in _weights(tmp_path / "ref", 2).items():
         assert torch.equal(tensor, _weights(run, 2)[name]), name
+    for name, tensor in _weights(tmp_path / "ref", 2, "ema").items():
+        assert torch.equal(tensor, _weights(run, 2, "ema")[name]), name
     assert _metrics(run) == _metrics(tmp_path / "ref")
 
 
