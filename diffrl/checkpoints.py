@@ -3,7 +3,7 @@
 A checkpoint is the folder ``<run>/checkpoints/epoch_XXXX`` holding the trainable weights
 (``trainable.safetensors``), the moving average of them when the run keeps one
 (``ema.safetensors``, :mod:`diffrl.ema`), the optimizer state (``optimizer.pt``, read back with
-``weights_only=True``), each process's RNG streams (``rng_rank{r}.pt``), ``state.json`` (the
+``weights_only=True``; under FSDP each process's shards, ``optimizer_rank{r}.pt``), each process's RNG streams (``rng_rank{r}.pt``), ``state.json`` (the
 epoch it completed, the algorithm's state) and, written last, ``manifest.json``: the size and
 SHA-256 of every other file. It is written under a ``.tmp`` name and renamed only when complete,
 so a crash never leaves a partial checkpoint that resume would pick up; a checkpoint damaged
@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from diffrl.errors import InputFileError
+from diffrl.sharding import copy_full, full_tensor, local_tensor, sharded
 
 _NAME = re.compile(r"^epoch_(\d{4,})$")
 MANIFEST = "manifest.json"
@@ -83,9 +85,11 @@ def verify(checkpoint: Path) -> str | None:
         listed = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         return f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
-    for name in ("state.json", "trainable.safetensors", "optimizer.pt"):
+    for name in ("state.json", "trainable.safetensors"):
         if name not in listed:
             return f"{MANIFEST} does not list {name}"
+    if "optimizer.pt" not in listed and "optimizer_rank0.pt" not in listed:
+        return f"{MANIFEST} lists no optimizer state (optimizer.pt)"
     for name, (size, digest) in listed.items():
         path = checkpoint / name
         if not path.is_file():
@@ -153,9 +157,47 @@ def resolve_resume(path: str | Path, report: bool = False) -> tuple[Path, Path |
     )
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that require grad, by name, detached and contiguous."""
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The parameters that require grad, by name: whole tensors on the CPU, each FSDP2 shard
+    gathered in turn (:mod:`diffrl.sharding`; a collective, so every process calls it, and only
+    one tensor at a time is whole on the device). ``keep=False`` (the processes that write
+    nothing) takes part in the gathers and keeps nothing."""
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            whole = full_tensor(p.detach())
+            if keep:
+                state[name] = whole.to("cpu", copy=True).contiguous()
+    return state
+
+
+def optimizer_file(model: torch.nn.Module, rank: int) -> str:
+    """Where a process's optimizer state goes: ``optimizer.pt`` (the main process's, identical on
+    all), or under FSDP each process's own shards, ``optimizer_rank{r}.pt``."""
+    return f"optimizer_rank{rank}.pt" if sharded(model) else "optimizer.pt"
+
+
+def local_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with each FSDP2-sharded state tensor as this process's part."""
+    state = optimizer.state_dict()
+    state["state"] = {
+        i: {k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+        for i, entry in state["state"].items()
+    }
+    return state
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Inverse of :func:`local_optimizer_state`: each per-element state tensor of a sharded
+    parameter becomes a shard laid out like its parameter again."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(p, DTensor):
+                entry = optimizer.state.get(p, {})
+                for k, v in entry.items():
+                    if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.dim() > 0:
+                        entry[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
 
 
 def save_checkpoint(
@@ -177,14 +219,18 @@ def save_checkpoint(
     """
     final = checkpoint_dir(run_dir, epoch)
     tmp = final.with_name(final.name + ".tmp")
+    weights = trainable_state(model, keep=is_main)
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    if sharded(model):
+        torch.save(local_optimizer_state(optimizer), tmp / optimizer_file(model, rank))
     if is_main:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        if not sharded(model):
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, epoch=epoch)))
         for name, contents in (tensors or {}).items():
             save_file({k: v.contiguous() for k, v in contents.items()}, str(tmp / name))
@@ -219,27 +265,29 @@ def load_tensors(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer, rank: int) -> tuple[dict, dict]:
-    """Restore weights and optimizer in place; returns ``(state, rng)`` for this process."""
+    """Restore weights and optimizer in place (under FSDP each process takes its shards of the
+    whole weights and reads its own optimizer file); returns ``(state, rng)`` for this process."""
     weights = _read(checkpoint / "trainable.safetensors", "safetensors weights", lambda p: load_file(str(p)))
-    missing = set(trainable_state(model)) - set(weights)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = set(trainable) - set(weights)
     if missing:
         raise InputFileError(
             f"checkpoint {checkpoint} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}"
         )
     state = _read(checkpoint / "state.json", "JSON", lambda p: json.loads(p.read_text(encoding="utf-8")))
-    optimizer_state = _read(
-        checkpoint / "optimizer.pt", "an optimizer state", lambda p: torch.load(p, weights_only=True)
-    )
+    optimizer_path = checkpoint / optimizer_file(model, rank)
+    if not optimizer_path.is_file() and sharded(model):
+        raise FileNotFoundError(
+            f"{optimizer_path}: resuming under FSDP needs the checkpoint of an FSDP run with as many processes"
+        )
+    optimizer_state = _read(optimizer_path, "an optimizer state", lambda p: torch.load(p, weights_only=True))
     rng_file = checkpoint / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(
             f"{rng_file}: resuming needs the same number of processes as the checkpointed run"
         )
     rng = _read(rng_file, "random-stream states", lambda p: torch.load(p, weights_only=True))
-    model.load_state_dict(weights, strict=False)
-    _read(
-        checkpoint / "optimizer.pt",
-        "an optimizer state",
-        lambda p: optimizer.load_state_dict(optimizer_state),
-    )
+    for name, p in trainable.items():
+        copy_full(p, weights[name])
+    _read(optimizer_path, "an optimizer state", lambda p: load_optimizer_state(optimizer, optimizer_state))
     return state, rng

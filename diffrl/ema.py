@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from diffrl.errors import InputFileError
+from diffrl.sharding import copy_full, full_tensor
 
 STEPS_KEY = "__optimizer_steps__"
 """Key of the optimizer-step count among :meth:`EMA.state_dict`'s tensors."""
@@ -70,9 +71,16 @@ class EMA:
         for p, s in zip(self.params, self.shadow):
             p.copy_(s)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The average by parameter name, and the optimizer-step count under :data:`STEPS_KEY`."""
-        return {**dict(zip(self.names, self.shadow)), STEPS_KEY: torch.tensor(self.steps)}
+    def state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The average by parameter name (whole tensors on the CPU; FSDP2 shards gathered, so every
+        process calls it, and those with ``keep=False`` keep nothing), and the optimizer-step
+        count under :data:`STEPS_KEY`."""
+        state = {}
+        for name, s in zip(self.names, self.shadow):
+            whole = full_tensor(s)
+            if keep:
+                state[name] = whole.to("cpu", copy=True)
+        return {**state, STEPS_KEY: torch.tensor(self.steps)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Restore :meth:`state_dict`; ``source`` (a file) names what is missing."""
@@ -80,5 +88,5 @@ class EMA:
         if missing:
             raise InputFileError(f"{source}: lacks {len(missing)} averaged tensors, e.g. {missing[0]}")
         for name, s in zip(self.names, self.shadow):
-            s.copy_(state[name])
+            copy_full(s, state[name])
         self.steps = int(state[STEPS_KEY])

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from diffrl.errors import NumericalError
+from diffrl.sharding import full_tensor, local_tensor
 
 
 @dataclass
@@ -80,11 +81,11 @@ def optimizer_step(optimizer, params, named_params, loss_fault: str | None, conf
     scaled = accelerator.scaler is not None
     fault = loss_fault
     grads = [p.grad for p in params if p.grad is not None]
-    if not scaled and grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+    if not scaled and grads and not torch.isfinite(full_tensor(torch.nn.utils.get_total_norm(grads))):
         bad = [
             n.removeprefix("module.")
             for n, p in named_params
-            if p.grad is not None and not p.grad.isfinite().all()
+            if p.grad is not None and not local_tensor(p.grad).isfinite().all()
         ]
         what = (
             f"non-finite gradients in {len(bad)} tensors, e.g. {bad[0]}" if bad else "gradient norm overflow"

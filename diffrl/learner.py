@@ -13,7 +13,7 @@ from functools import cache, partial
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers import UNet2DConditionModel
 
 from diffrl.algorithms import Batch, Term
@@ -24,6 +24,7 @@ from diffrl.guards import NonFiniteGuard, check_log_ratios, optimizer_step
 from diffrl.ops import gaussian_kl
 from diffrl.pipelines import load_pipeline
 from diffrl.progress import progress
+from diffrl.sharding import sharded
 from diffrl.transitions import denoiser, text_encoders, transition_for
 from diffrl.types import StepOutput, Text, Trajectory
 
@@ -100,23 +101,35 @@ def make_optimizer(params: list, config) -> torch.optim.AdamW:
 
 def build_learner(config, accelerator: Accelerator) -> Learner:
     """Load the pipeline, attach what is trained, build AdamW and let accelerate wrap the denoiser
-    (LoRA lives inside the DDP module, so its gradients are all-reduced)."""
-    m = config.model
+    (LoRA lives inside the DDP module, so its gradients are all-reduced).
+
+    Under accelerate's FSDP (``configs/accelerate/fsdp.yaml``) the pipeline loads on the CPU and
+    the denoiser is sharded onto the devices as accelerate prepares it (no process ever holds the
+    whole trainable model on its device); the trained parameters are then the shards (DTensors)
+    that accelerate puts into the optimizer."""
+    m, t = config.model, config.train
     set_seed(config.run.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.mixed_precision]
-    pipe = load_pipeline(m.pretrained, revision=m.revision, device=accelerator.device)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and config.sample.merge_lora is True:
+        raise ConfigError(
+            "sample.merge_lora: true cannot merge LoRA into FSDP-sharded weights; use auto or false"
+        )
+    pipe = load_pipeline(m.pretrained, revision=m.revision, device="cpu" if fsdp else accelerator.device)
     model = denoiser(pipe)
     set_attention(model, m.attention, accelerator.device)
     params = prepare_denoiser(pipe, config, weight_dtype)
     if m.compile:  # in place: the pipeline keeps the same module (LoRA saving, merging, adapters)
         model.compile()
-    t = config.train
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ema = EMA(trained, t.ema_decay, t.ema_every) if t.ema else None
     unet, optimizer = accelerator.prepare(model, make_optimizer(params, config))
-    return Learner(
-        unet, pipe, optimizer, params, accelerator, NonFiniteGuard(t.max_nonfinite_steps), config, ema
-    )
+    if fsdp:
+        for part in (pipe.vae, *text_encoders(pipe)):
+            part.to(accelerator.device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    trained = [(n, p) for n, p in denoiser(pipe).named_parameters() if p.requires_grad]
+    ema = EMA(trained, t.ema_decay, t.ema_every) if t.ema else None
+    guard = NonFiniteGuard(t.max_nonfinite_steps)
+    return Learner(unet, pipe, optimizer, params, accelerator, guard, config, ema)
 
 
 @contextmanager
@@ -222,8 +235,10 @@ class Learner:
     def __post_init__(self) -> None:
         self.named_params = [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
         merge = self.config.sample.merge_lora
-        self.merge_sampling = self.config.model.use_lora and (
-            merge is True or (merge == "auto" and self.config.model.mixed_precision == "no")
+        self.merge_sampling = (
+            self.config.model.use_lora
+            and not sharded(self.unet)
+            and (merge is True or (merge == "auto" and self.config.model.mixed_precision == "no"))
         )
 
     def log_prob(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from diffrl import runfolder
 from diffrl.checkpoints import (
@@ -27,6 +28,7 @@ from diffrl.checkpoints import (
     prune_checkpoints,
     resolve_resume,
     save_checkpoint,
+    trainable_state,
 )
 from diffrl.collect import sample_batch, score_images
 from diffrl.config import dump_yaml, to_dict
@@ -42,6 +44,7 @@ from diffrl.files import (
     truncate_metrics,
 )
 from diffrl.report import write_report
+from diffrl.sharding import sharded
 from diffrl.transitions import denoiser, family
 
 EMA_FILE = "ema.safetensors"
@@ -128,22 +131,26 @@ def _swap_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_weights(pipe, use_lora: bool, run_dir: Path) -> None:
+def export_weights(pipe, use_lora: bool, run_dir: Path, main: bool = True) -> None:
     """Write the trained weights for use outside diffrl, replacing the previous export only once
     the new one is complete: ``run_dir/lora`` in diffusers format
     (``pipe.load_lora_weights(run_dir / "lora")``: the UNet's layers for SD and LCMs, the
     transformer's for SD3 and FLUX, saved by the pipeline class's own ``save_lora_weights``), or
-    ``run_dir/unet`` / ``run_dir/transformer`` after full fine-tuning."""
+    ``run_dir/unet`` / ``run_dir/transformer`` after full fine-tuning (``from_pretrained``
+    folders). Under FSDP every process calls it (the shards are gathered) and ``main`` writes."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     model = denoiser(pipe)
+    whole = trainable_state(model, keep=main) if use_lora or sharded(model) else None
+    if not main:
+        return
     part = "transformer" if family(pipe) == "flow" else "unet"
     name = "lora" if use_lora else part
     tmp = run_dir / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if use_lora:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, state_dict=whole))
         type(pipe).save_lora_weights(
             tmp,
             safe_serialization=True,
@@ -152,6 +159,16 @@ def export_weights(pipe, use_lora: bool, run_dir: Path) -> None:
                 f"{part}_lora_adapter_metadata": model.peft_config["default"].to_dict(),
             },
         )
+    elif whole is not None:  # FSDP: the gathered parameters and the (unsharded) persistent buffers
+        buffers = {
+            f"{path}.{name}".lstrip("."): b.detach().cpu().contiguous()
+            for path, module in model.named_modules()
+            for name, b in module.named_buffers(recurse=False)
+            if name not in module._non_persistent_buffers_set
+        }
+        tmp.mkdir(parents=True)
+        model.save_config(tmp)
+        save_file({**whole, **buffers}, str(tmp / "diffusion_pytorch_model.safetensors"))
     else:
         model.save_pretrained(tmp)
     _swap_in(tmp, run_dir / name)
@@ -207,9 +224,9 @@ class Run:
             }
             accelerator.init_trackers(config.run.name, config=tracked)
         accelerator.wait_for_everyone()
-        if self.main and self.start_epoch == 0:
+        if self.start_epoch == 0:
             self.grid("before.png")
-        if self.main and self.start_epoch >= config.run.num_epochs:
+        if self.start_epoch >= config.run.num_epochs:
             self.export()  # killed after its last checkpoint
 
     @property
@@ -218,7 +235,11 @@ class Run:
 
     def grid(self, name: str) -> None:
         """``samples/NAME``: the first 16 grid prompts sampled from a fixed seed, with rewards
-        (before.png, middle.png, after.png; ``report.html`` shows them side by side)."""
+        (before.png, middle.png, after.png; ``report.html`` shows them side by side). Every process
+        calls it; the main one samples, scores and saves it, under FSDP with the others taking part
+        in the sampling (its forward passes gather the shards)."""
+        if not (self.main or sharded(denoiser(self.learner.pipe))):
+            return
         prompts = [self.grid_prompts[i % len(self.grid_prompts)] for i in range(16)]
         print(f"diffrl: sampling the fixed-seed grid samples/{name}", file=sys.stderr, flush=True)
         pipe = self.learner.pipe
@@ -226,6 +247,8 @@ class Run:
             traj = sample_batch(
                 pipe, self.config, prompts, torch.Generator().manual_seed(self.config.run.seed)
             )
+        if not self.main:
+            return
         values = score_images(self.reward_fn, traj, self.config, f"sample grid {name}")
         captions = [f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values.tolist())]
         self._later(save_png, image_grid(traj.images, captions), self.dir / "samples" / name)
@@ -236,9 +259,10 @@ class Run:
         return self.learner.ema.applied() if self.learner.ema is not None else nullcontext()
 
     def export(self) -> None:
-        """:func:`export_weights` of the averaged weights (``train.ema``) or the trained ones."""
+        """:func:`export_weights` of the averaged weights (``train.ema``) or the trained ones (every
+        process calls it; the main one writes)."""
         with self.averaged():
-            export_weights(self.learner.pipe, self.config.model.use_lora, self.dir)
+            export_weights(self.learner.pipe, self.config.model.use_lora, self.dir, self.main)
 
     def _later(self, fn, *args) -> None:
         self.pending = [f for f in self.pending if not f.done()] + [self.outputs.submit(fn, *args)]
@@ -256,21 +280,20 @@ class Run:
         sample grid (first 16 of ``traj`` with ``rewards``), the ``curve`` chart and the report
         written by the worker thread; ``samples/middle.png`` after the middle epoch."""
         self.accelerator.log(record, step=epoch)
-        if not self.main:
-            return
-        append_jsonl(self.dir / "metrics.jsonl", record)
-        if traj is not None:
-            count = min(16, len(traj))
-            captions = [
-                f"{p}\nreward {r:.3f}" for p, r in zip(traj.prompts[:count], rewards[:count].tolist())
-            ]
-            grid_images = traj.images[:count].clone()
-            self._later(
-                lambda: save_png(
-                    image_grid(grid_images, captions), self.dir / "samples" / f"epoch_{epoch:04d}.png"
+        if self.main:
+            append_jsonl(self.dir / "metrics.jsonl", record)
+            if traj is not None:
+                count = min(16, len(traj))
+                captions = [
+                    f"{p}\nreward {r:.3f}" for p, r in zip(traj.prompts[:count], rewards[:count].tolist())
+                ]
+                grid_images = traj.images[:count].clone()
+                self._later(
+                    lambda: save_png(
+                        image_grid(grid_images, captions), self.dir / "samples" / f"epoch_{epoch:04d}.png"
+                    )
                 )
-            )
-        self._later(self._charts, curve)
+            self._later(self._charts, curve)
         if epoch == self.config.run.num_epochs // 2:
             self.grid("middle.png")
 
@@ -316,13 +339,13 @@ class Run:
         )
         if self.main:
             prune_checkpoints(self.dir, self.config.run.keep_last)
-            self.export()
+        self.export()
 
     def finish(self):
         """After the last epoch: ``samples/after.png``, the report, the trackers closed; returns
         the pipeline holding the trained weights (their moving average with ``train.ema``)."""
+        self.grid("after.png")
         if self.main:
-            self.grid("after.png")
             self.flush()
             write_report(self.dir)
         self.outputs.shutdown()

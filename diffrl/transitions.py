@@ -108,7 +108,9 @@ def encode_prompts(
     on ``device`` (default the pipeline's execution device), with ``max_sequence_length`` T5 tokens
     for SD3/FLUX (None: the pipeline's default).
 
-    Each distinct text is encoded once with the pipeline's ``encode_prompt`` and cached for its
+    Each distinct text is encoded once, alone (so that its embedding is the same whichever batch
+    first asked for it: a resumed run gets the bits of the uninterrupted one), with the pipeline's
+    ``encode_prompt`` and cached for its
     text encoders (:data:`PROMPT_CACHE_SIZE` entries, dropped when their parameters change): a
     training run re-draws the same prompts and the same negative prompt every batch. The negative
     prompt is encoded as a prompt, which is what ``encode_prompt`` does for it (same tokenizer
@@ -119,12 +121,10 @@ def encode_prompts(
     texts = list(prompts) + [negative_prompt or ""] if guided else list(prompts)
     cache = _prompt_cache(text_encoders(pipe))
     keys = [(t, device, max_sequence_length) for t in texts]
-    missing = list(dict.fromkeys(k for k in keys if k not in cache))
-    if missing:
-        with torch.no_grad():
-            embeds, pooled = _encode(pipe, [k[0] for k in missing], device, max_sequence_length)
-        for i, k in enumerate(missing):
-            cache[k] = (embeds[i], None if pooled is None else pooled[i])
+    for k in dict.fromkeys(k for k in keys if k not in cache):
+        with torch.no_grad():  # one text per call: its encoding does not depend on the batch it came in
+            embeds, pooled = _encode(pipe, [k[0]], device, max_sequence_length)
+        cache[k] = (embeds[0], None if pooled is None else pooled[0])
     rows = []
     for k in keys:
         cache.move_to_end(k)

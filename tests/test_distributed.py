@@ -1,7 +1,9 @@
-"""Two CPU processes (torchrun, gloo): LoRA gradients are all-reduced and rewards gathered."""
+"""Two CPU processes (torchrun, gloo): LoRA gradients are all-reduced and rewards gathered; full
+fine-tuning under accelerate's FSDP2 (the shipped configs/accelerate/fsdp.yaml) equals DDP's."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,11 @@ from safetensors.torch import load_file
 HERE = Path(__file__).parent
 
 
-def _torchrun(tmp_path, config: str, *overrides: str, port: int) -> None:
+def _torchrun(tmp_path, config: str, *overrides: str, port: int, env: dict | None = None) -> None:
     """Train with two CPU processes (gloo); each saves its trainable weights into tmp_path."""
     env = dict(
         os.environ,
+        **(env or {}),
         DIFFRL_PROBE_DIR=str(tmp_path),
         PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
         OMP_NUM_THREADS="1",
@@ -104,3 +107,73 @@ def test_two_processes_run_b2diffurl_with_unequal_selections(tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
     assert [m["branch_step"] for m in metrics] == [2, 2, 2]  # l(s) = 2 + floor(s * 3 / 40) for s < 14
     assert all(0 < m["num_trained"] <= 2 * 8 and m["num_samples"] == 2 * 4 * 4 for m in metrics), metrics
+
+
+def _fsdp_environment() -> dict:
+    """The environment ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` gives its
+    processes (made by accelerate's own launcher code from the shipped file), with fp32 on the CPU."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    argv = ["--config_file", str(HERE.parent / "configs" / "accelerate" / "fsdp.yaml")]
+    args = launch_command_parser().parse_args(
+        [*argv, "--num_processes", "2", "--mixed_precision", "no", "x.py"]
+    )
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    return {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}
+
+
+FSDP_RUN = [
+    "model.pretrained=tiny-sd3-random", "model.use_lora=false", "train.kl_beta=0", "sample.num_steps=4",
+    "sample.batch_size=4", "sample.max_sequence_length=8", "train.batch_size=4",
+    "train.gradient_accumulation_steps=1", "grpo.group_size=4", "reward.name=reward_probe:logged_brightness",
+    "prompts.source=toy_train_single", "run.num_epochs=2", "run.save_freq=1", "run.deterministic=true",
+    "train.learning_rate=0.1", "train.adam_epsilon=1.0",
+]  # fmt: skip
+"""A smooth reward (JPEG sizes jump with float noise in the images, and so would the advantages);
+with eps = 1 Adam's step is about lr·g (no sign-like first steps that turn float noise in
+near-zero gradients into ±lr), so the FSDP and DDP weights can be compared element by element."""
+
+
+def _checkpoint(run, epoch: int, name: str = "trainable.safetensors") -> dict:
+    return load_file(str(run / "checkpoints" / f"epoch_{epoch:04d}" / name))
+
+
+@pytest.mark.slow
+def test_fsdp_full_fine_tuning_matches_ddp_and_resumes_exactly(tmp_path):
+    """Full fine-tuning of the tiny SD3 transformer with accelerate's FSDP2 from the shipped config
+    on two CPU processes: each process holds half of every trained tensor and its own optimizer
+    shards; the gathered weights after two epochs equal DDP's up to float summation order; the
+    exported transformer/ loads with from_pretrained and holds them; a run resumed from the first
+    checkpoint ends on the same weights bit for bit."""
+    from diffusers import SD3Transformer2DModel
+
+    fsdp = {**_fsdp_environment(), "DIFFRL_TEST_FSDP": "1"}
+    config = "grpo/tiny_geneval.yaml"
+    _torchrun(tmp_path / "fsdp", config, *FSDP_RUN, port=29521, env=fsdp)
+    _torchrun(tmp_path / "ddp", config, *FSDP_RUN, port=29522)
+    run, ddp = tmp_path / "fsdp" / "dist", _rank_weights(tmp_path / "ddp")[0]
+    sharded = _checkpoint(run, 1)
+    assert sharded.keys() == ddp.keys() and len(sharded) > 20
+    moved = max((sharded[k] - _checkpoint(run, 0)[k]).abs().max().item() for k in ddp)
+    assert moved > 1e-4, "full fine-tuning must have moved the weights"
+    for key in ddp:
+        torch.testing.assert_close(sharded[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
+    shards = [torch.load(run / "checkpoints" / "epoch_0001" / f"optimizer_rank{r}.pt") for r in (0, 1)]
+    big = max(ddp, key=lambda k: ddp[k].numel())
+    halves = [sum(v["exp_avg"].numel() for v in s["state"].values()) for s in shards]
+    assert (
+        sum(halves) == sum(t.numel() for t in ddp.values()) and abs(halves[0] - halves[1]) < ddp[big].numel()
+    )
+    exported = SD3Transformer2DModel.from_pretrained(run / "transformer")
+    for name, p in exported.named_parameters():
+        assert torch.equal(p.detach(), sharded[name]), name
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed / "dist")
+    shutil.rmtree(resumed / "dist" / "checkpoints" / "epoch_0001")
+    _torchrun(resumed, config, *FSDP_RUN, f"run.resume_from={resumed / 'dist'}", port=29523, env=fsdp)
+    again = _checkpoint(resumed / "dist", 1)
+    for key in sharded:
+        assert torch.equal(again[key], sharded[key]), key

@@ -1,0 +1,37 @@
+"""Full tensors from FSDP2 shards and back (accelerate's FSDP with ``fsdp_version: 2``:
+``configs/accelerate/fsdp.yaml``).
+
+Under FSDP2 every parameter of the denoiser is a ``DTensor`` holding this process's shard. What
+diffrl writes — checkpoints, the moving average, exported weights — is the full tensor, gathered
+with :meth:`DTensor.full_tensor` (a collective: every process calls it, in the same order), and
+what it reads back is split into this process's shard again. Without FSDP these functions pass
+tensors through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (collective), or ``t`` itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a shard, or ``t`` itself (for checks that need no collective)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def copy_full(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """``dst.copy_(full)``; for a shard ``dst``, this process's part of ``full``."""
+    if isinstance(dst, DTensor):
+        full = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
+    dst.copy_(full)
