@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from diffrl.errors import InputFileError
-from diffrl.sharding import copy_full, full_tensor, local_tensor, sharded
+from diffrl.sharding import copy_full, full_tensor, local_tensor, reshard, sharded
 
 _NAME = re.compile(r"^epoch_(\d{4,})$")
 MANIFEST = "manifest.json"
@@ -162,6 +162,7 @@ def trainable_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torc
     gathered in turn (:mod:`diffrl.sharding`; a collective, so every process calls it, and only
     one tensor at a time is whole on the device). ``keep=False`` (the processes that write
     nothing) takes part in the gathers and keeps nothing."""
+    reshard(model)
     state = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -268,6 +269,7 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer, rank: i
     """Restore weights and optimizer in place (under FSDP each process takes its shards of the
     whole weights and reads its own optimizer file); returns ``(state, rng)`` for this process."""
     weights = _read(checkpoint / "trainable.safetensors", "safetensors weights", lambda p: load_file(str(p)))
+    reshard(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = set(trainable) - set(weights)
     if missing:

@@ -21,16 +21,24 @@ from contextlib import contextmanager
 import torch
 
 from diffrl.errors import InputFileError
-from diffrl.sharding import copy_full, full_tensor
+from diffrl.sharding import copy_full, full_tensor, reshard
 
 STEPS_KEY = "__optimizer_steps__"
 """Key of the optimizer-step count among :meth:`EMA.state_dict`'s tensors."""
 
 
 class EMA:
-    """The moving average ``shadow`` (float32 copies) of ``named_params`` [(name, parameter)]."""
+    """The moving average ``shadow`` (float32 copies) of ``named_params`` [(name, parameter)] of
+    ``owner`` (the module, resharded around swaps under FSDP: :func:`diffrl.sharding.reshard`)."""
 
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float, every: int):
+    def __init__(
+        self,
+        named_params: list[tuple[str, torch.nn.Parameter]],
+        decay: float,
+        every: int,
+        owner: torch.nn.Module | None = None,
+    ):
+        self.owner = owner
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.shadow = [p.detach().float().clone() for p in self.params]
@@ -51,10 +59,12 @@ class EMA:
 
     @torch.no_grad()
     def _swap(self) -> None:
+        reshard(self.owner)
         for p, s in zip(self.params, self.shadow):
             held = p.detach().clone()
             p.copy_(s)
             s.copy_(held)
+        reshard(self.owner)
 
     @contextmanager
     def applied(self):
@@ -68,6 +78,7 @@ class EMA:
     @torch.no_grad()
     def copy_to_params(self) -> None:
         """Put the average into the parameters for good (training is over)."""
+        reshard(self.owner)
         for p, s in zip(self.params, self.shadow):
             p.copy_(s)
 

@@ -11,12 +11,22 @@ tensors through unchanged.
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def sharded(model: torch.nn.Module) -> bool:
     """Whether ``model``'s parameters are FSDP2 shards."""
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def reshard(model: torch.nn.Module | None) -> None:
+    """Register the shards as ``model``'s parameters again. FSDP2 keeps the root module's
+    parameters gathered after a forward pass outside autograd (sampling); reading or writing them
+    then would miss the shards (what the optimizer steps and the next gather reads)."""
+    for module in model.modules() if model is not None else ():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

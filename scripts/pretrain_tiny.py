@@ -53,7 +53,10 @@ GENEVAL_TASK_WEIGHTS = {
 Drawn uniformly over prompts instead, colour attribution (58 of the 103 train prompts) is a fifth
 of all renders and the model binds colours perfectly (held-out attribution 1.0, overall 0.83):
 no headroom. SD-class models see attribute binding and spatial relations rarely in their captions,
-which is what this mix imitates."""
+which is what this mix imitates. Measured with this mix (seed 0, 2026-12-02): held-out single 1.0,
+two 0.83, counting 0.0, colours 1.0, position 0.45, attribution 0.95, overall 0.70 — attribution
+still binds: the toy world's pair prompts ("a red circle to the left of a green square") teach
+colour binding and relations whatever the GenEval share, so this mix is not shipped yet."""
 
 
 def toy_tokenizer(folder: Path) -> CLIPTokenizer:

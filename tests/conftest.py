@@ -1,6 +1,7 @@
 """Shared fixtures: tiny pipelines built in code, once per session. Nothing is downloaded."""
 
 import os
+from pathlib import Path
 
 # Triton kernels run on CPU only in interpreter mode, which must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -31,3 +32,9 @@ def tiny_lcm():
     pipe = tiny_lcm_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+TRAINING_CONFIGS = sorted(
+    p for p in (Path(__file__).parent.parent / "configs").glob("*/*.yaml") if p.parent.name != "accelerate"
+)
+"""Every shipped ``diffrl train`` config (configs/accelerate holds accelerate's launch configs)."""

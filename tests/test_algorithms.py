@@ -13,10 +13,11 @@ from diffrl.cli import main
 from diffrl.config import ConfigError, load_config, to_dict
 from diffrl.files import read_jsonl
 from diffrl.learner import auto_timesteps_per_pass
+from tests.conftest import TRAINING_CONFIGS
 
 ROOT = Path(__file__).parent.parent
 PLUGINS = Path(__file__).parent / "plugins"
-CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
+CONFIGS = TRAINING_CONFIGS
 
 
 def test_every_registered_algorithm_exports_the_interface():

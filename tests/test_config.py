@@ -1,12 +1,9 @@
-from pathlib import Path
-
 import pytest
 
 from diffrl.config import Config, ConfigError, dump_yaml, load_config
+from tests.conftest import TRAINING_CONFIGS
 
-CONFIGS = sorted(
-    p for p in (Path(__file__).parent.parent / "configs").rglob("*.yaml") if p.parent.name != "accelerate"
-)  # configs/accelerate holds accelerate's launch configs (checked by test_distributed)
+CONFIGS = TRAINING_CONFIGS
 
 
 def test_there_are_configs():

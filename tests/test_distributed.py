@@ -143,37 +143,39 @@ def _checkpoint(run, epoch: int, name: str = "trainable.safetensors") -> dict:
 @pytest.mark.slow
 def test_fsdp_full_fine_tuning_matches_ddp_and_resumes_exactly(tmp_path):
     """Full fine-tuning of the tiny SD3 transformer with accelerate's FSDP2 from the shipped config
-    on two CPU processes: each process holds half of every trained tensor and its own optimizer
-    shards; the gathered weights after two epochs equal DDP's up to float summation order; the
-    exported transformer/ loads with from_pretrained and holds them; a run resumed from the first
-    checkpoint ends on the same weights bit for bit."""
+    on two CPU processes, with the moving average on: each process holds about half of the AdamW
+    state; the gathered weights and average after two epochs equal DDP's up to float summation
+    order; the exported transformer/ loads with from_pretrained and holds the average; a run
+    resumed from the first checkpoint ends on the same weights and average bit for bit."""
     from diffusers import SD3Transformer2DModel
 
     fsdp = {**_fsdp_environment(), "DIFFRL_TEST_FSDP": "1"}
-    config = "grpo/tiny_geneval.yaml"
-    _torchrun(tmp_path / "fsdp", config, *FSDP_RUN, port=29521, env=fsdp)
-    _torchrun(tmp_path / "ddp", config, *FSDP_RUN, port=29522)
-    run, ddp = tmp_path / "fsdp" / "dist", _rank_weights(tmp_path / "ddp")[0]
-    sharded = _checkpoint(run, 1)
-    assert sharded.keys() == ddp.keys() and len(sharded) > 20
-    moved = max((sharded[k] - _checkpoint(run, 0)[k]).abs().max().item() for k in ddp)
+    config, settings = "grpo/tiny_geneval.yaml", [*FSDP_RUN, "train.ema=true", "train.ema_every=1"]
+    _torchrun(tmp_path / "fsdp", config, *settings, port=29521, env=fsdp)
+    _torchrun(tmp_path / "ddp", config, *settings, port=29522)
+    run, ddp_run = tmp_path / "fsdp" / "dist", tmp_path / "ddp" / "dist"
+    for name in ("trainable.safetensors", "ema.safetensors"):
+        sharded, ddp = _checkpoint(run, 1, name), _checkpoint(ddp_run, 1, name)
+        assert sharded.keys() == ddp.keys() and len(sharded) > 20
+        for key in ddp:
+            torch.testing.assert_close(sharded[key], ddp[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    trained, average = _checkpoint(run, 1), _checkpoint(run, 1, "ema.safetensors")
+    moved = max((trained[k] - _checkpoint(run, 0)[k]).abs().max().item() for k in trained)
     assert moved > 1e-4, "full fine-tuning must have moved the weights"
-    for key in ddp:
-        torch.testing.assert_close(sharded[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert max((trained[k] - average[k]).abs().max().item() for k in trained) > 1e-5
     shards = [torch.load(run / "checkpoints" / "epoch_0001" / f"optimizer_rank{r}.pt") for r in (0, 1)]
-    big = max(ddp, key=lambda k: ddp[k].numel())
+    biggest = max(t.numel() for t in trained.values())
     halves = [sum(v["exp_avg"].numel() for v in s["state"].values()) for s in shards]
-    assert (
-        sum(halves) == sum(t.numel() for t in ddp.values()) and abs(halves[0] - halves[1]) < ddp[big].numel()
-    )
+    assert sum(halves) == sum(t.numel() for t in trained.values()) and abs(halves[0] - halves[1]) < biggest
     exported = SD3Transformer2DModel.from_pretrained(run / "transformer")
     for name, p in exported.named_parameters():
-        assert torch.equal(p.detach(), sharded[name]), name
+        assert torch.equal(p.detach(), average[name]), name
 
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed / "dist")
     shutil.rmtree(resumed / "dist" / "checkpoints" / "epoch_0001")
-    _torchrun(resumed, config, *FSDP_RUN, f"run.resume_from={resumed / 'dist'}", port=29523, env=fsdp)
-    again = _checkpoint(resumed / "dist", 1)
-    for key in sharded:
-        assert torch.equal(again[key], sharded[key]), key
+    _torchrun(resumed, config, *settings, f"run.resume_from={resumed / 'dist'}", port=29523, env=fsdp)
+    for name in ("trainable.safetensors", "ema.safetensors"):
+        again, first = _checkpoint(resumed / "dist", 1, name), _checkpoint(run, 1, name)
+        for key in first:
+            assert torch.equal(again[key], first[key]), f"{name}: {key}"
