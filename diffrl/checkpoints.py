@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from diffrl.errors import InputFileError
-from diffrl.sharding import copy_full, full_tensor, local_tensor, reshard, sharded
+from diffrl.sharding import copy_full, local_tensor, reshard, sharded, whole_on_cpu
 
 _NAME = re.compile(r"^epoch_(\d{4,})$")
 MANIFEST = "manifest.json"
@@ -163,13 +163,7 @@ def trainable_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torc
     one tensor at a time is whole on the device). ``keep=False`` (the processes that write
     nothing) takes part in the gathers and keeps nothing."""
     reshard(model)
-    state = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            whole = full_tensor(p.detach())
-            if keep:
-                state[name] = whole.to("cpu", copy=True).contiguous()
-    return state
+    return whole_on_cpu(((n, p) for n, p in model.named_parameters() if p.requires_grad), keep)
 
 
 def optimizer_file(model: torch.nn.Module, rank: int) -> str:
@@ -234,7 +228,7 @@ def save_checkpoint(
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, epoch=epoch)))
         for name, contents in (tensors or {}).items():
-            save_file({k: v.contiguous() for k, v in contents.items()}, str(tmp / name))
+            save_file(contents, str(tmp / name))
     barrier()
     if not is_main:
         return None

@@ -21,26 +21,21 @@ from contextlib import contextmanager
 import torch
 
 from diffrl.errors import InputFileError
-from diffrl.sharding import copy_full, full_tensor, reshard
+from diffrl.sharding import copy_full, reshard, whole_on_cpu
 
 STEPS_KEY = "__optimizer_steps__"
 """Key of the optimizer-step count among :meth:`EMA.state_dict`'s tensors."""
 
 
 class EMA:
-    """The moving average ``shadow`` (float32 copies) of ``named_params`` [(name, parameter)] of
-    ``owner`` (the module, resharded around swaps under FSDP: :func:`diffrl.sharding.reshard`)."""
+    """The moving average ``shadow`` (float32 copies) of ``module``'s trained parameters (those
+    that require grad; under FSDP its shards, resharded around swaps: :func:`diffrl.sharding.reshard`)."""
 
-    def __init__(
-        self,
-        named_params: list[tuple[str, torch.nn.Parameter]],
-        decay: float,
-        every: int,
-        owner: torch.nn.Module | None = None,
-    ):
-        self.owner = owner
-        self.names = [n for n, _ in named_params]
-        self.params = [p for _, p in named_params]
+    def __init__(self, module: torch.nn.Module, decay: float, every: int):
+        self.owner = module
+        trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in trained]
+        self.params = [p for _, p in trained]
         self.shadow = [p.detach().float().clone() for p in self.params]
         self.decay, self.every, self.steps = decay, every, 0
 
@@ -86,12 +81,7 @@ class EMA:
         """The average by parameter name (whole tensors on the CPU; FSDP2 shards gathered, so every
         process calls it, and those with ``keep=False`` keep nothing), and the optimizer-step
         count under :data:`STEPS_KEY`."""
-        state = {}
-        for name, s in zip(self.names, self.shadow):
-            whole = full_tensor(s)
-            if keep:
-                state[name] = whole.to("cpu", copy=True)
-        return {**state, STEPS_KEY: torch.tensor(self.steps)}
+        return {**whole_on_cpu(zip(self.names, self.shadow), keep), STEPS_KEY: torch.tensor(self.steps)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Restore :meth:`state_dict`; ``source`` (a file) names what is missing."""

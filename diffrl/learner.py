@@ -126,8 +126,7 @@ def build_learner(config, accelerator: Accelerator) -> Learner:
         for part in (pipe.vae, *text_encoders(pipe)):
             part.to(accelerator.device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    trained = [(n, p) for n, p in denoiser(pipe).named_parameters() if p.requires_grad]
-    ema = EMA(trained, t.ema_decay, t.ema_every, denoiser(pipe)) if t.ema else None
+    ema = EMA(denoiser(pipe), t.ema_decay, t.ema_every) if t.ema else None
     guard = NonFiniteGuard(t.max_nonfinite_steps)
     return Learner(unet, pipe, optimizer, params, accelerator, guard, config, ema)
 

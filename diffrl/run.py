@@ -335,7 +335,7 @@ class Run:
             accelerator.process_index,
             self.main,
             accelerator.wait_for_everyone,
-            {EMA_FILE: ema.state_dict()} if ema is not None else None,
+            {EMA_FILE: ema.state_dict(keep=self.main)} if ema is not None else None,
         )
         if self.main:
             prune_checkpoints(self.dir, self.config.run.keep_last)

@@ -39,6 +39,18 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def whole_on_cpu(named, keep: bool = True) -> dict[str, torch.Tensor]:
+    """``{name: whole tensor on the CPU}`` for ``named`` [(name, tensor or shard)], gathered one at a
+    time (a collective under FSDP: every process calls it; those with ``keep=False`` take part in
+    the gathers and keep nothing), so only one tensor at a time is whole on the device."""
+    state = {}
+    for name, t in named:
+        whole = full_tensor(t.detach())
+        if keep:
+            state[name] = whole.to("cpu", copy=True).contiguous()
+    return state
+
+
 @torch.no_grad()
 def copy_full(dst: torch.Tensor, full: torch.Tensor) -> None:
     """``dst.copy_(full)``; for a shard ``dst``, this process's part of ``full``."""

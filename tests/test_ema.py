@@ -20,22 +20,28 @@ ROOT = Path(__file__).parent.parent
 CONFIG = str(ROOT / "configs" / "grpo" / "tiny_geneval.yaml")
 
 
-def _param(value: float) -> torch.nn.Parameter:
-    return torch.nn.Parameter(torch.full((3,), value))
+def _module(value: float) -> tuple[torch.nn.Module, torch.nn.Parameter]:
+    """A module with one trained parameter ``w`` (3 elements) and one frozen one."""
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.full((3,), value))
+    module.frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    return module, module.w
 
 
 def test_the_average_follows_flow_grpos_schedule_by_hand():
     """Start 0, the weights jump to 1 and stay; every 2nd step: n=2, d=3/12 -> 0.75; n=4, d=5/14
     -> 5/14·0.75 + 9/14 = 12.75/14; with decay 0.3 the cap binds from n=4 on (5/14 > 0.3)."""
-    p = _param(0.0)
-    ema = EMA([("w", p)], decay=0.9, every=2)
+    module, p = _module(0.0)
+    ema = EMA(module, decay=0.9, every=2)
+    assert ema.names == ["w"]  # only what is trained
     p.data.fill_(1.0)
     seen = []
     for _ in range(4):
         ema.update()
         seen.append(ema.shadow[0][0].item())
     assert seen == pytest.approx([0.0, 0.75, 0.75, 12.75 / 14])
-    capped = EMA([("w", q := _param(0.0))], decay=0.3, every=2)
+    capped_module, q = _module(0.0)
+    capped = EMA(capped_module, decay=0.3, every=2)
     q.data.fill_(1.0)
     for _ in range(4):
         capped.update()
@@ -43,8 +49,8 @@ def test_the_average_follows_flow_grpos_schedule_by_hand():
 
 
 def test_applied_swaps_the_average_in_and_back_and_the_state_round_trips():
-    p = _param(2.0)
-    ema = EMA([("w", p)], decay=0.9, every=1)
+    module, p = _module(2.0)
+    ema = EMA(module, decay=0.9, every=1)
     p.data.fill_(4.0)
     ema.update()  # d_1 = 2/11
     average = 2.0 * 2 / 11 + 4.0 * 9 / 11
@@ -53,7 +59,7 @@ def test_applied_swaps_the_average_in_and_back_and_the_state_round_trips():
     assert torch.equal(p.data, torch.full((3,), 4.0))
     state = ema.state_dict()
     assert int(state[STEPS_KEY]) == 1
-    again = EMA([("w", _param(9.0))], decay=0.9, every=1)
+    again = EMA(_module(9.0)[0], decay=0.9, every=1)
     again.load_state_dict(state, "ema.safetensors")
     assert again.steps == 1 and torch.equal(again.shadow[0], ema.shadow[0])
     with pytest.raises(InputFileError, match=r"ema.safetensors: lacks 1 averaged tensors, e.g. w"):
