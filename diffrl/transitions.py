@@ -76,10 +76,28 @@ def _prompt_cache(encoders: list[torch.nn.Module]) -> OrderedDict:
     return entry[1]
 
 
+T5_DEFAULT_TOKENS = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
+"""T5 tokens per prompt that each flow pipeline's ``__call__`` uses by default."""
+
+
+def t5_tokens(pipe, requested: int | None) -> int | None:
+    """T5 tokens per prompt for a flow pipeline: ``requested``, else the pipeline's default
+    (:data:`T5_DEFAULT_TOKENS`) capped at its T5 tokenizer's ``model_max_length`` — a model trained
+    on shorter T5 sequences (the shipped ``tiny-flow``: 16) says so there, and SD3's transformer
+    attends to every padded T5 token, so it must be sampled at the length it was trained at. None
+    for pipelines without T5."""
+    default = T5_DEFAULT_TOKENS.get(type(pipe).__name__)
+    if requested is not None or default is None:
+        return requested
+    tokenizer = getattr(pipe, "tokenizer_2" if isinstance(pipe, FluxPipeline) else "tokenizer_3", None)
+    return min(default, getattr(tokenizer, "model_max_length", default) or default)
+
+
 def _encode(pipe, texts: list[str], device, max_sequence_length) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The pipeline's own ``encode_prompt`` on ``texts``, without guidance: per-token embeddings
     ``[N, L, D]`` and, for SD3 (CLIP-L/G pooled, concatenated) and FLUX (CLIP pooled), ``[N, P]``.
-    ``max_sequence_length``: T5 tokens for SD3/FLUX (None: the pipeline's default, 256 / 512)."""
+    ``max_sequence_length``: T5 tokens for SD3/FLUX (None: :func:`t5_tokens`' default)."""
+    max_sequence_length = t5_tokens(pipe, max_sequence_length)
     length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     if isinstance(pipe, FluxPipeline):
         embeds, pooled, _ = pipe.encode_prompt(texts, None, device=device, num_images_per_prompt=1, **length)

@@ -220,3 +220,24 @@ def test_sd3_text_is_the_pipelines_encoding_and_its_cache_sees_every_encoder():
     )
     torch.testing.assert_close(changed.embeds, fresh[0], rtol=0, atol=1e-5)
     assert (changed.embeds - text.embeds).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_t5_length_defaults_to_the_pipeline_capped_by_its_tokenizer(name):
+    """Unset, prompts get the pipeline's own default T5 length (SD3 256, FLUX 512) unless the T5
+    tokenizer says the model holds fewer (``model_max_length``): the encoding is then the
+    pipeline's at that length; a length that is asked for is kept."""
+    from diffrl.transitions import T5_DEFAULT_TOKENS, encode_prompts, t5_tokens
+
+    pipe = MODELS[name]()
+    tokenizer = pipe.tokenizer_2 if name == "flux" else pipe.tokenizer_3
+    default = T5_DEFAULT_TOKENS[type(pipe).__name__]
+    assert t5_tokens(pipe, None) == default and t5_tokens(pipe, 7) == 7
+    tokenizer.model_max_length = 12
+    assert t5_tokens(pipe, None) == 12 and t5_tokens(pipe, 40) == 40
+    text = encode_prompts(pipe, PROMPTS[:1], None, False, "cpu")
+    clip_tokens = 0 if name == "flux" else pipe.tokenizer_max_length
+    assert text.embeds.shape[1] == clip_tokens + 12
+    sd3_args = {} if name == "flux" else {"prompt_3": None, "do_classifier_free_guidance": False}
+    want = pipe.encode_prompt(PROMPTS[:1], None, max_sequence_length=12, **sd3_args)[0]
+    torch.testing.assert_close(text.embeds, want, rtol=0, atol=1e-5)
