@@ -64,7 +64,9 @@ of the non-GenEval scenes are single objects)."""
 
 
 def toy_tokenizer(folder: Path) -> CLIPTokenizer:
-    """CLIP BPE tokenizer: the byte alphabet plus every toy-world word as a single token."""
+    """CLIP BPE tokenizer: the byte alphabet plus a merge chain for every toy-world word. BPE applies
+    merges by rank across words, so most words become one token and a few (squares, three,
+    triangle, triangles) two to six: at most 22 tokens a caption."""
     kinds = ("all", "geneval")
     words = sorted(
         {w for s in ("train", "heldout") for k in kinds for p in tw.prompts(s, k) for w in p.split()}
