@@ -22,7 +22,7 @@ The result is saved as a diffusers LatentConsistencyModelPipeline (UNet, the tea
 encoder and tokenizer, an LCMScheduler) with baseline.json: held-out shapes_alignment of the
 4-step LCM against the 50-step DDIM teacher, both sampled by diffusers' own pipelines.
 
-    python scripts/distill_tiny_lcm.py --out diffrl/assets/tiny-lcm        # ~30 min on 2 CPU cores
+    python scripts/distill_tiny_lcm.py --out diffrl/assets/tiny-lcm        # ~20 min on 2 CPU cores
     python scripts/distill_tiny_lcm.py --out /tmp/l --steps 20 --eval 16  # smoke
 """
 
@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--out", default="diffrl/assets/tiny-lcm")
     parser.add_argument("--teacher", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--dataset", type=int, default=8192, help="pre-encoded training renders")
