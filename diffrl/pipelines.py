@@ -42,10 +42,12 @@ _BUILTIN_FAMILIES = {
 }
 
 ASSETS = Path(__file__).parent / "assets"
-SHIPPED_PIPELINES = {"tiny": ASSETS / "tiny", "tiny-lcm": ASSETS / "tiny-lcm"}
+SHIPPED_PIPELINES = {"tiny": ASSETS / "tiny", "tiny-lcm": ASSETS / "tiny-lcm", "tiny-flow": ASSETS / "tiny-flow"}
 """Pretrained pipelines shipped inside the package (diffusers folders, loaded with from_pretrained).
 ``tiny``: a ~2M-parameter text-to-image model of the toy world (scripts/pretrain_tiny.py);
-``tiny-lcm``: its latent consistency distillation (scripts/distill_tiny_lcm.py)."""
+``tiny-lcm``: its latent consistency distillation (scripts/distill_tiny_lcm.py); ``tiny-flow``: a
+rectified-flow ``StableDiffusion3Pipeline`` of the same world on ``tiny``'s VAE
+(scripts/pretrain_tiny_flow.py)."""
 
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
 """Flow-matching pipeline classes (``model_index.json``'s ``_class_name``) and what loads them."""
@@ -150,7 +152,7 @@ def load_pipeline(
     their own ``FlowMatchEulerDiscreteScheduler``.
 
     Args:
-        name_or_path: a shipped model (``tiny``, ``tiny-lcm``), a built-in random test model
+        name_or_path: a shipped model (``tiny``, ``tiny-lcm``, ``tiny-flow``), a built-in random test model
             (``tiny-sd``, ``tiny-lcm-random``, ``tiny-sd3-random``, ``tiny-flux-random``), a local
             diffusers folder, or a hub id (``CompVis/stable-diffusion-v1-4``,
             ``SimianLuo/LCM_Dreamshaper_v7``, ``stabilityai/stable-diffusion-3.5-medium``,
