@@ -42,7 +42,11 @@ _BUILTIN_FAMILIES = {
 }
 
 ASSETS = Path(__file__).parent / "assets"
-SHIPPED_PIPELINES = {"tiny": ASSETS / "tiny", "tiny-lcm": ASSETS / "tiny-lcm", "tiny-flow": ASSETS / "tiny-flow"}
+SHIPPED_PIPELINES = {
+    "tiny": ASSETS / "tiny",
+    "tiny-lcm": ASSETS / "tiny-lcm",
+    "tiny-flow": ASSETS / "tiny-flow",
+}
 """Pretrained pipelines shipped inside the package (diffusers folders, loaded with from_pretrained).
 ``tiny``: a ~2M-parameter text-to-image model of the toy world (scripts/pretrain_tiny.py);
 ``tiny-lcm``: its latent consistency distillation (scripts/distill_tiny_lcm.py); ``tiny-flow``: a
