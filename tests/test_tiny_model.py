@@ -58,7 +58,7 @@ def test_shipped_model_draws_the_toy_world(tiny):
 @pytest.mark.slow
 def test_short_ddpo_run_raises_alignment_above_the_pretrained_model(tmp_path):
     prompts = load_prompts("toy_train_single").prompts[::6]  # 16 fixed prompts
-    # a short, hotter run than the quickstart's (which trains 180 epochs at 2e-3 on 96 prompts)
+    # a short, hotter run than the quickstart's (which trains 180 epochs at 1e-3 on 96 prompts)
     before, after, _ = train_and_compare(
         "tiny", "ddpo/tiny_alignment.yaml", prompts, tmp_path, "run.num_epochs=40", "train.learning_rate=3e-3"
     )
