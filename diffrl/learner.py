@@ -25,7 +25,8 @@ from diffrl.ops import gaussian_kl
 from diffrl.pipelines import load_pipeline
 from diffrl.progress import progress
 from diffrl.sharding import sharded
-from diffrl.transitions import denoiser, text_encoders, transition_for
+from diffrl.text import text_encoders
+from diffrl.transitions import denoiser, transition_for
 from diffrl.types import StepOutput, Text, Trajectory
 
 MERGE_TOLERANCE = 1e-5

@@ -19,7 +19,8 @@ from diffrl.algorithms.b2diffurl import (
 from diffrl.config import ConfigError, load_config
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_branches
-from diffrl.transitions import decode_latents, encode_prompts, guided_noise_pred
+from diffrl.text import encode_prompts
+from diffrl.transitions import decode_latents, guided_noise_pred
 from diffrl.types import SamplerSettings
 from tests.alignment import assert_raised, train_and_compare
 

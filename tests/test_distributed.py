@@ -95,6 +95,7 @@ def test_two_processes_run_b2diffurl_with_unequal_selections(tmp_path):
     _torchrun(
         tmp_path,
         "b2diffurl/tiny_alignment.yaml",
+        "reward.name=jpeg_compressibility",  # continuous: siblings never tie, so every epoch selects some
         "sample.batch_size=4",
         "train.batch_size=2",
         "run.num_epochs=3",

@@ -205,7 +205,7 @@ def test_grpo_trains_a_flow_model_and_leaves_the_reference(tmp_path):
 def test_sd3_text_is_the_pipelines_encoding_and_its_cache_sees_every_encoder():
     """Cached SD3 text (per-token and pooled, prompt and negative) equals ``encode_prompt``'s; a
     weight change in the T5 encoder (not the first one) empties the cache."""
-    from diffrl.transitions import encode_prompts
+    from diffrl.text import encode_prompts
 
     pipe = tiny_sd3_pipeline(seed=4)
     want = pipe.encode_prompt(PROMPTS, None, None, negative_prompt="blurry", max_sequence_length=TOKENS)
@@ -227,7 +227,7 @@ def test_the_t5_length_defaults_to_the_pipeline_capped_by_its_tokenizer(name):
     """Unset, prompts get the pipeline's own default T5 length (SD3 256, FLUX 512) unless the T5
     tokenizer says the model holds fewer (``model_max_length``): the encoding is then the
     pipeline's at that length; a length that is asked for is kept."""
-    from diffrl.transitions import T5_DEFAULT_TOKENS, encode_prompts, t5_tokens
+    from diffrl.text import T5_DEFAULT_TOKENS, encode_prompts, t5_tokens
 
     pipe = MODELS[name]()
     tokenizer = pipe.tokenizer_2 if name == "flux" else pipe.tokenizer_3

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-import diffrl.transitions as transitions_module
+import diffrl.text as text_module
 from diffrl.policies.ddim import ddim_step_with_logprob
 from diffrl.rollout import sample_trajectories
-from diffrl.transitions import encode_prompts, guided_noise_pred
+from diffrl.text import encode_prompts
+from diffrl.transitions import guided_noise_pred
 from diffrl.types import SamplerSettings
 
 PROMPTS = ["a red circle", "a small blue square on the left", "a cat"]
@@ -131,7 +132,7 @@ def test_prompt_embeddings_are_cached_and_equal_the_pipelines(monkeypatch):
     torch.testing.assert_close(changed, fresh, rtol=0, atol=1e-6)
     assert (changed - embeds).abs().max() > 0.1
     calls.clear()
-    monkeypatch.setattr(transitions_module, "PROMPT_CACHE_SIZE", 2)  # least recently used dropped
+    monkeypatch.setattr(text_module, "PROMPT_CACHE_SIZE", 2)  # least recently used dropped
     encode_prompts(pipe, ["x", "y", "z"], None, False)
     encode_prompts(pipe, ["z"], None, False)
     encode_prompts(pipe, ["x"], None, False)

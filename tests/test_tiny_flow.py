@@ -12,7 +12,7 @@ from diffrl.evaluation import evaluate
 from diffrl.pipelines import SHIPPED_PIPELINES, inspect_pipeline
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_trajectories
-from diffrl.transitions import t5_tokens
+from diffrl.text import t5_tokens
 from diffrl.types import SamplerSettings
 
 ROOT = Path(__file__).parent.parent

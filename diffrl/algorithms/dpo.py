@@ -35,7 +35,7 @@ from diffrl.errors import require
 from diffrl.learner import adapters_disabled
 from diffrl.ops import eps_mse
 from diffrl.preferences import Preference, load_images, load_preferences
-from diffrl.transitions import encode_prompts
+from diffrl.text import encode_prompts
 
 OFFLINE = True
 """Trained on a data source, not on rollouts (:mod:`diffrl.offline`)."""
