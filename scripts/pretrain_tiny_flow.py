@@ -16,7 +16,7 @@ The T5 tokenizer's ``model_max_length`` (16) is the T5 length the model is train
 diffrl reads it (``transitions.t5_tokens``); plain diffusers callers pass
 ``max_sequence_length=16``.
 
-    python scripts/pretrain_tiny_flow.py --out diffrl/assets/tiny-flow      # ~1 h on 2 CPU cores
+    python scripts/pretrain_tiny_flow.py --out diffrl/assets/tiny-flow      # ~40 min on 2 CPU cores
     python scripts/pretrain_tiny_flow.py --out /tmp/f --steps 20 --dataset 512 --eval 8  # smoke
 
 Prints and writes (``baseline.json``) the held-out Toy-GenEval table and the verifier scores.
@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument("--base", default=str(SHIPPED_PIPELINES["tiny"]), help="the model whose VAE is used")
     parser.add_argument("--out", default="diffrl/assets/tiny-flow")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--dataset", type=int, default=20000, help="pre-encoded training images")
