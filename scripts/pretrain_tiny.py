@@ -224,6 +224,15 @@ def encode_dataset(vae, size: int, gen: torch.Generator) -> tuple[list[str], tor
     return prompts, torch.cat(latents)
 
 
+@torch.no_grad()
+def ema_step(ema_params: list[torch.Tensor], params: list[torch.Tensor], step: int) -> None:
+    """The EMA both pretraining scripts save: θ̄ ← d θ̄ + (1 − d) θ with d = min(0.999, (1 + n)/(10 + n))
+    after the n-th optimizer step (a warm-up so that early averages are not the random init)."""
+    decay = min(0.999, (1 + step) / (10 + step))
+    for e, p in zip(ema_params, params):
+        e.lerp_(p, 1 - decay)
+
+
 def train_unet(unet, text_encoder, tokenizer, prompts, latents, steps, batch, gen, log_every):
     """Joint UNet + text-encoder training; returns the EMA copies of both."""
     noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
@@ -255,10 +264,7 @@ def train_unet(unet, text_encoder, tokenizer, prompts, latents, steps, batch, ge
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema_params, params):
-                e.lerp_(p, 1 - decay)
+        ema_step(ema_params, params, step)
         if step % log_every == 0 or step == steps - 1:
             print(f"unet step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
     return ema_unet.eval(), ema_text.eval()

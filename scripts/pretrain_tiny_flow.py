@@ -39,7 +39,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from pretrain_tiny import encode_dataset, evaluate, geneval_baseline, toy_tokenizer
+from pretrain_tiny import ema_step, encode_dataset, evaluate, geneval_baseline, toy_tokenizer
 from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -208,10 +208,7 @@ def train(pipe, prompts, latents, steps, batch, lr, gen, log_every):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         warmup.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema_params, params):
-                e.lerp_(p, 1 - decay)
+        ema_step(ema_params, params, step)
         if step % log_every == 0 or step == steps - 1:
             print(f"step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
     return ema[0].eval(), [m.eval() for m in ema[1:]]
