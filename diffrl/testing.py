@@ -75,10 +75,14 @@ def _byte_alphabet() -> list[str]:
 def tiny_clip_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
     """A character-level CLIP tokenizer (no merges): 256 byte symbols, each also with ``</w>``.
 
-    The vocabulary and an empty merges file are written to ``directory`` (a fresh temp dir by
-    default) and loaded with ``CLIPTokenizer.from_pretrained``, as a downloaded one would be.
+    The vocabulary and an empty merges file are written to ``directory`` (by default a temp dir,
+    removed once the tokenizer has read them) and loaded with ``CLIPTokenizer.from_pretrained``, as a
+    downloaded one would be.
     """
-    folder = Path(directory or tempfile.mkdtemp(prefix="diffrl-tok-"))
+    if directory is None:
+        with tempfile.TemporaryDirectory(prefix="diffrl-tok-") as scratch:
+            return tiny_clip_tokenizer(scratch)
+    folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     symbols = _byte_alphabet()
     tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]

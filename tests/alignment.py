@@ -32,7 +32,11 @@ def train_and_compare(
         None,
     )
     after = evaluate(train(run_config), prompts, reward_fn, **settings)
-    print(f"shapes_alignment {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}")
+    print(
+        f"shapes_alignment {before['reward_mean']:.3f} ± {before['reward_stderr']:.3f}"
+        f" -> {after['reward_mean']:.3f} ± {after['reward_stderr']:.3f};"
+        f" attributes {before['attributes']} -> {after['attributes']}"
+    )
     return before, after, run_config
 
 
