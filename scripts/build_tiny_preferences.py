@@ -6,9 +6,9 @@ winner and the worst sample as the loser; ties are skipped. Writes OUT/images/*.
 OUT/pairs.jsonl, the layout `dpo.data` reads (SePPO uses only prompts and winners).
 
 The defaults target what the tiny model itself gets wrong: with 20 sampler steps it draws single
-objects almost perfectly, but puts two objects in the stated relation only about half the time.
-So the pairs are two-object prompts, winners are renders (the right relation) and losers are
-20-step samples, which differ from the winner mainly in that relation.
+objects almost perfectly, but two objects with the right shapes only 41% of the time and in the
+stated relation 19% (colours 78%). So the pairs are two-object prompts, winners are renders (the
+right objects, colours and relation) and losers are 20-step samples.
 
     python scripts/build_tiny_preferences.py --out data/tiny_preferences     # ~5 minutes on 2 CPU cores
 """

@@ -173,7 +173,8 @@ def test_with_the_policy_equal_to_its_reference_every_term_is_log2(tmp_path, toy
 
 PAIR_PROMPTS = load_prompts("toy_train_pair").prompts[::21][:16]
 """16 fixed two-object prompts: with 20 sampler steps the tiny model draws the objects' colours
-right (0.96) but their relation only at chance (0.45), so preferences can teach something there."""
+right 78% of the time, their shapes 41% and their relation 19%, so preferences can teach something
+there (README, Diffusion-DPO and SePPO)."""
 TWENTY_STEPS = {**SETTINGS, "num_steps": 20}
 
 
