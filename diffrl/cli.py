@@ -298,6 +298,12 @@ def _eval(args: argparse.Namespace) -> int:
         check_model(model)
     if args.suite:
         rows = load_suite(args.suite)
+        if args.detector == "toy":
+            detector, thresholds = detect_batch, TOY_THRESHOLDS
+        else:
+            from diffrl.rewards.geneval_detector import owlv2_detector, rows_detector
+
+            detector, thresholds = rows_detector(owlv2_detector()), (0.9, 0.3)
     else:
         source, reward_fn = load_prompts(args.prompts), rewards.get(args.reward)
     results = {}
@@ -306,7 +312,7 @@ def _eval(args: argparse.Namespace) -> int:
         settings = _eval_settings(args, run_config)
         if args.suite:
             results[model] = evaluate_suite(
-                pipe, rows, detect_batch, TOY_THRESHOLDS, settings,
+                pipe, rows, detector, thresholds, settings,
                 images_per_prompt=args.images_per_prompt, seed=args.seed,
             )  # fmt: skip
         else:
@@ -402,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--suite",
         help="GenEval instead of a reward: toy-geneval (the toy world's held-out rows) or a GenEval-layout JSONL",
+    )
+    ev.add_argument(
+        "--detector",
+        choices=("toy", "owlv2"),
+        default="toy",
+        help="with --suite: the toy world's detector, or OWLv2 + CLIP colours for real images",
     )
     ev.add_argument("--images-per-prompt", type=COUNT, default=4, help="with --suite (GenEval: 4)")
     ev.add_argument("--num-images", type=COUNT, default=64)

@@ -154,8 +154,8 @@ def evaluate_suite(
     batch_size: int = 32,
 ) -> dict:
     """GenEval on ``pipe``: each row's prompt sampled ``images_per_prompt`` times (one generator
-    seeded ``seed``, prompts in file order), ``detector(images [B, 3, H, W]) -> detections per
-    image``, GenEval's rule per image (:func:`diffrl.geneval.correct` after
+    seeded ``seed``, prompts in file order), ``detector(images [B, 3, H, W], rows) -> detections
+    per image`` (the rows name the classes an open-vocabulary detector is asked for), GenEval's rule per image (:func:`diffrl.geneval.correct` after
     :func:`~diffrl.geneval.select` with ``thresholds``). Returns the per-task table of
     :func:`~diffrl.geneval.summarize` plus ``partial_credit`` (the mean training reward)."""
     from diffrl import geneval
@@ -166,7 +166,7 @@ def evaluate_suite(
     for start in range(0, len(chosen), batch_size):
         batch = chosen[start : start + batch_size]
         traj = sample_trajectories(pipe, [r["prompt"] for r in batch], settings, generator=generator)
-        for row, detections in zip(batch, detector(traj.images)):
+        for row, detections in zip(batch, detector(traj.images, batch)):
             by_class = geneval.select(detections, row["tag"], thresholds)
             flags.append(geneval.correct(by_class, row)[0])
             credits.append(geneval.partial_credit(by_class, row))

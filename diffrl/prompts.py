@@ -68,11 +68,16 @@ def load_prompts(source: str | list[str]) -> PromptSource:
     """A :class:`PromptSource` from a list of prompts, a built-in set name, or a text file path.
 
     Text files hold one prompt per line; blank lines and lines starting with ``#`` are skipped.
+    A ``.jsonl`` file is a GenEval-layout prompt file (:mod:`diffrl.geneval`): its rows' prompts.
     """
     if isinstance(source, (list, tuple)):
         prompts, name = [str(p) for p in source], "inline"
     elif source in BUILTIN_PROMPTS:
         prompts, name = BUILTIN_PROMPTS[source](), source
+    elif str(source).endswith(".jsonl"):  # GenEval's layout: the rows' prompts, in file order
+        from diffrl.geneval import read_suite
+
+        prompts, name = [row["prompt"] for row in read_suite(Path(source).expanduser())], str(source)
     else:
         path = Path(source).expanduser()
         if not path.is_file():

@@ -52,6 +52,16 @@ def denoiser(pipe) -> torch.nn.Module:
     return pipe.transformer if family(pipe) == "flow" else pipe.unet
 
 
+def execution_device(pipe) -> torch.device:
+    """Where ``pipe`` runs its models: the denoiser's device, or diffusers' ``_execution_device``
+    when a component carries an offloading hook (that lookup walks every module of every
+    component: 5 ms per call for SD3's three text encoders, 3% of a tiny-flow rollout)."""
+    model = denoiser(pipe)
+    if any(hasattr(c, "_hf_hook") for c in pipe.components.values()):
+        return pipe._execution_device
+    return next(model.parameters()).device
+
+
 def guided_noise_pred(
     unet,
     latents: torch.Tensor,
@@ -118,8 +128,8 @@ class _Begin:
 
     def begin(self, prompts, settings: SamplerSettings, generator, latents=None):
         """Text, x_T (``latents`` or fresh noise) and the schedule's timesteps on the pipeline's
-        execution device (looked up once: diffusers walks every module for it)."""
-        device = self.pipe._execution_device
+        execution device (:func:`execution_device`, looked up once)."""
+        device = execution_device(self.pipe)
         text = self.encode(prompts, settings.negative_prompt, device)
         x = self.noise(len(prompts), settings.height, settings.width, generator, latents, device)
         return text, x, self.schedule(settings.num_steps, x)

@@ -37,3 +37,16 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def from_pretrained(cls, name_or_path: str, what: str, **kwargs):
+    """``cls.from_pretrained(name_or_path)`` (a transformers model or processor), with one clear
+    error when it cannot be found: offline, a hub id that is not cached names itself and what to pass."""
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"could not load the {what} {name_or_path!r} ({reason}). Offline, download it elsewhere "
+            "and pass its local folder instead."
+        ) from err

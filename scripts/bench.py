@@ -9,7 +9,7 @@ two runs made back to back (the machine's speed drifts by up to 30% between seco
       those forwards plus a bare VAE decode of the final latents (the model calls any rollout makes);
   (b) training: one DDPO minibatch (T trained timesteps: guided forward, log-prob, PPO loss,
       backward, clip, Adam step) / the T bare UNet forward+backward passes on the same inputs.
-      (a) and (b) run on the tiny SD pipeline (DDIM) and again on the tiny SD3 pipeline (the
+      (a) and (b) run on the tiny SD pipeline (DDIM) and again on the shipped ``tiny-flow`` SD3 pipeline
       Flow-GRPO SDE with CFG, LoRA on the transformer; against the bare transformer calls).
 
   (c) branch sampling (B²-DiffuRL): images/s of ``sample_branches`` (batch/K trunks, K branches
@@ -53,7 +53,7 @@ from diffrl.evaluation import diversity
 from diffrl.files import read_jsonl
 from diffrl.guidance import svdd, value
 from diffrl.learner import Learner, NonFiniteGuard, make_optimizer, prepare_denoiser
-from diffrl.pipelines import load_pipeline
+from diffrl.pipelines import inspect_pipeline, load_pipeline
 from diffrl.prompts import load_prompts
 from diffrl.rollout import sample_branches, sample_trajectories
 from diffrl.run import Streams
@@ -68,10 +68,6 @@ def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-FLOW_TOKENS = 32
-"""T5 tokens per prompt of the flow case (the tiny SD3 pipeline's text is short)."""
 
 
 def bare_model(pipe, traj):
@@ -93,11 +89,9 @@ def bare_model(pipe, traj):
 
 
 def bench(steps: int, batch: int, branches: int, repeats: int, model: str = "tiny-sd") -> dict:
-    """(a)-(c) on ``model`` (``tiny-sd``: DDIM; ``tiny-sd3-random``: the Flow-GRPO SDE with CFG)."""
-    flow = model == "tiny-sd3-random"
-    settings = SamplerSettings(
-        num_steps=steps, eta=0.7 if flow else 1.0, max_sequence_length=FLOW_TOKENS if flow else None
-    )
+    """(a)-(c) on ``model`` (``tiny-sd``: DDIM; ``tiny-flow``: the Flow-GRPO SDE with CFG)."""
+    flow = inspect_pipeline(model).family == "flow"
+    settings = SamplerSettings(num_steps=steps, eta=0.7 if flow else 1.0)
     config = load_config(
         None,
         [
@@ -108,8 +102,8 @@ def bench(steps: int, batch: int, branches: int, repeats: int, model: str = "tin
             "sample.num_batches_per_epoch=1",
             f"train.batch_size={batch}",
             "train.timesteps_per_pass=1",  # (b) compares with one bare forward+backward per timestep
-        ]
-        + ([f"sample.max_sequence_length={FLOW_TOKENS}"] if flow else []),
+            "train.ratio_tolerance=1e9",  # (b) re-trains one stored batch: after a repeat it is off-policy
+        ],
     )
     pipe = load_pipeline(model)
     params = prepare_denoiser(pipe, config, torch.float32)
@@ -394,7 +388,7 @@ def main() -> None:
     args = parser.parse_args()
     result = bench(args.steps, args.batch, args.branches, args.repeats)
     print_overhead(result)
-    result["flow"] = bench(args.flow_steps, args.batch, args.branches, args.repeats, model="tiny-sd3-random")
+    result["flow"] = bench(args.flow_steps, args.batch, args.branches, args.repeats, model="tiny-flow")
     print_overhead(result["flow"])
     med = result["median_seconds"]
     images = result["branch_images"]

@@ -32,3 +32,14 @@ def test_bad_sources_are_named(tmp_path):
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")
     with pytest.raises(InputFileError, match="no prompts"):
         load_prompts(str(tmp_path / "empty.txt"))
+
+
+def test_a_geneval_jsonl_file_gives_its_rows_prompts_and_names_a_bad_line(tmp_path):
+    from diffrl import geneval, toyworld
+
+    rows = [toyworld.geneval_row(p) for p in ["a photo of three triangles", "a photo of a blue circle"]]
+    geneval.write_suite(tmp_path / "suite.jsonl", rows)
+    assert load_prompts(str(tmp_path / "suite.jsonl")).prompts == [r["prompt"] for r in rows]
+    (tmp_path / "bad.jsonl").write_text('{"tag": "counting", "prompt": "x", "include": []}\nnot json\n')
+    with pytest.raises(InputFileError, match="bad.jsonl:"):
+        load_prompts(str(tmp_path / "bad.jsonl"))

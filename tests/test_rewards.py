@@ -159,3 +159,253 @@ def test_bad_reward_output_names_the_reward(tmp_path, monkeypatch, output, messa
     )
     with pytest.raises(RewardError, match=f"reward 'broken'.*{message}"):
         rewards.get("broken")(_grid_images(), ["x"] * 3)
+
+
+def _pil(images: torch.Tensor) -> list:
+    return [Image.fromarray((i * 255).round().byte().permute(1, 2, 0).numpy()) for i in images]
+
+
+def _smooth_images(shape=(48, 64)) -> torch.Tensor:
+    """Non-square images on exact uint8 levels, smooth enough that PIL's and torch's bicubic agree
+    to a few levels (sharp edges would be the filters' differences, not the transform's)."""
+    smooth = F.interpolate(_grid_images(2, 8, seed=1), size=shape, mode="bilinear")
+    return (smooth * 255).round() / 255
+
+
+@pytest.fixture(scope="module")
+def tiny_pickscore():
+    """A random transformers ``CLIPModel`` and a ``CLIPProcessor`` on the PIL backend, the
+    image processor PickScore was released with (at 32 px instead of 224)."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    from diffrl.testing import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    vocab = len(tokenizer)
+    text = dict(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    text.update(
+        max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1
+    )
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def test_pickscore_preprocessing_is_its_processors_pil_path(tiny_pickscore):
+    import math
+
+    from diffrl.rewards.clip import resize_crop_normalize
+    from diffrl.rewards.pickscore import image_settings
+
+    _, processor = tiny_pickscore
+    settings = image_settings(processor.image_processor)
+    assert settings[:2] == (32, 32)
+    images = _grid_images()
+    expected = processor.image_processor(_pil(images), return_tensors="pt").pixel_values
+    torch.testing.assert_close(
+        resize_crop_normalize(images, *settings, offset=math.floor), expected, rtol=0, atol=1e-5
+    )
+    smooth = _smooth_images((48, 71))  # short side 32, long 47: an odd 15-pixel crop margin, floored
+    expected = processor.image_processor(_pil(smooth), return_tensors="pt").pixel_values
+    ours = resize_crop_normalize(smooth, *settings, offset=math.floor)
+    assert ours.shape == expected.shape == (2, 3, 32, 32)
+    assert (ours - expected).abs().mean() < 0.03
+    shifted = resize_crop_normalize(smooth, *settings, offset=math.ceil)
+    assert (shifted - expected).abs().mean() > (ours - expected).abs().mean()
+
+
+def test_pickscore_is_the_scaled_clip_logit(tiny_pickscore):
+    """s = exp(logit_scale) · cos(projected image, projected text), then (s − offset) / scale."""
+    model, processor = tiny_pickscore
+    prompts = ["a red circle", "a photo of a dog", "an astronaut riding a horse"]
+    images = _grid_images()
+    reward = rewards.get(
+        "pickscore", offset=18.0, scale=8.0, clip=model, clip_processor=processor, device="cpu"
+    )
+    pixels = processor.image_processor(_pil(images), return_tensors="pt").pixel_values
+    tokens = processor.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        text = model.text_projection(model.text_model(**tokens).pooler_output)
+    cos = F.cosine_similarity(image, text, dim=-1)
+    expected = (model.logit_scale.exp() * cos - 18.0) / 8.0
+    torch.testing.assert_close(reward(images, prompts, [{}] * 3), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_hps_preprocessing_is_open_clips_longest_side_transform():
+    from diffrl.rewards.hps import longest_side_preprocess
+
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    transform = open_clip.image_transform(32, is_train=False, mean=mean, std=std, resize_mode="longest")
+    images = _grid_images()
+    expected = torch.stack([transform(p) for p in _pil(images)])
+    torch.testing.assert_close(longest_side_preprocess(images, 32, mean, std), expected, rtol=0, atol=1e-5)
+    smooth = _smooth_images((40, 64))  # longest side to 32: 20 x 32, padded by 6 rows above and below
+    expected = torch.stack([transform(p) for p in _pil(smooth)])
+    ours = longest_side_preprocess(smooth, 32, mean, std)
+    black = (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1)
+    for rows in (slice(0, 6), slice(26, 32)):
+        torch.testing.assert_close(ours[:, :, rows], black.expand(2, 3, 6, 32))
+        torch.testing.assert_close(expected[:, :, rows], black.expand(2, 3, 6, 32))
+    assert (ours - expected)[:, :, 6:26].abs().mean() < 0.03
+
+
+def test_hpsv2_is_the_cosine_of_its_checkpoints_features(tiny_clip, tmp_path):
+    """The checkpoint in HPSv2's ``{"state_dict": ...}`` layout is loaded into the architecture and
+    the score is the plain cosine of image and text features (no logit scale)."""
+    from diffrl.rewards.hps import longest_side_preprocess
+
+    torch.manual_seed(3)
+    tuned = open_clip.create_model(TINY_CLIP, pretrained=None).eval()
+    torch.save({"state_dict": tuned.state_dict()}, tmp_path / "hps.pt")
+    reward = rewards.get("hpsv2", weights=str(tmp_path / "hps.pt"), clip_model=TINY_CLIP, device="cpu")
+    prompts = ["a red circle", "a photo of a dog", "an astronaut"]
+    images = _grid_images()
+    cfg = tuned.visual.preprocess_cfg
+    with torch.no_grad():
+        img = tuned.encode_image(longest_side_preprocess(images, 32, cfg["mean"], cfg["std"]))
+        txt = tuned.encode_text(open_clip.get_tokenizer(TINY_CLIP)(prompts))
+    expected = F.cosine_similarity(img, txt, dim=-1)
+    got = reward(images, prompts, [{}] * 3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    untuned = rewards.get("hpsv2", clip_model=TINY_CLIP, clip=tiny_clip, device="cpu")(
+        images, prompts, [{}] * 3
+    )
+    assert (got - untuned).abs().max() > 1e-3  # the checkpoint's weights were used
+
+
+@pytest.fixture(scope="module")
+def tiny_owl():
+    """A random ``Owlv2ForObjectDetection`` and its processor at 32 px (nothing downloaded)."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    from diffrl.testing import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    vocab = len(tokenizer)
+    text = dict(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    text.update(
+        max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1
+    )
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    model = Owlv2ForObjectDetection(
+        Owlv2Config(text_config=text, vision_config=vision, projection_dim=16)
+    ).eval()
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    return model, processor
+
+
+def test_owlv2_detections_are_its_processors_post_processing(tiny_owl, tiny_pickscore):
+    """Boxes of an image padded to a square at the bottom and right, scaled to the square's side,
+    each classed by its best query, as the processor's own post-processing gives them; each
+    detection's colour is CLIP's zero-shot choice over GenEval's ten colours on its crop."""
+    from diffrl.rewards.clip import resize_crop_normalize
+    from diffrl.rewards.geneval_detector import COLORS, owlv2_detector, pixel_box
+    from diffrl.rewards.pickscore import image_settings
+
+    owl, owl_processor = tiny_owl
+    clip, clip_processor = tiny_pickscore
+    detect = owlv2_detector(
+        owl=owl,
+        owl_processor=owl_processor,
+        clip=clip,
+        clip_processor=clip_processor,
+        device="cpu",
+        min_score=0.0,
+    )
+    image = torch.rand(3, 24, 40, generator=torch.Generator().manual_seed(0))
+    classes = ["circle", "square"]
+    found = detect(image, classes, with_colour=False)
+    inputs = owl_processor(
+        text=[[f"a photo of a {c}" for c in classes]], images=[image], do_rescale=False, return_tensors="pt"
+    )
+    with torch.no_grad():
+        want = owl_processor.post_process_grounded_object_detection(
+            owl(**inputs), threshold=0.0, target_sizes=[(40, 40)]
+        )[0]
+    assert len(found) == len(want["scores"]) == 16  # one per patch, in the patches' order
+    assert [d.cls for d in found] == [classes[i] for i in want["labels"].tolist()]
+    torch.testing.assert_close(torch.tensor([d.score for d in found]), want["scores"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([d.box for d in found]), want["boxes"], rtol=1e-5, atol=1e-4)
+
+    coloured = detect(image, classes)[0]
+    x0, y0, x1, y1 = pixel_box(coloured.box, 24, 40)
+    assert 0 <= x0 < x1 <= 40 and 0 <= y0 < y1 <= 24
+    crop = resize_crop_normalize(
+        image[None, :, y0:y1, x0:x1], *image_settings(clip_processor.image_processor)
+    )
+    tokens = clip_processor.tokenizer(
+        [f"a photo of a {c} {coloured.cls}" for c in COLORS], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        img = clip.visual_projection(clip.vision_model(pixel_values=crop).pooler_output)
+        txt = clip.text_projection(clip.text_model(**tokens).pooler_output)
+    assert coloured.color == COLORS[F.cosine_similarity(img, txt, dim=-1).argmax().item()]
+
+
+def test_the_geneval_reward_applies_genevals_rule_to_the_detections(tmp_path):
+    from diffrl import geneval
+    from diffrl.geneval import Detection
+
+    rows = [
+        {"tag": "counting", "prompt": "a photo of three cats", "include": [{"class": "cat", "count": 3}],
+         "exclude": [{"class": "cat", "count": 4}]},
+        {"tag": "color_attr", "prompt": "a photo of a red cup and a blue dog",
+         "include": [{"class": "cup", "count": 1, "color": "red"}, {"class": "dog", "count": 1, "color": "blue"}]},
+    ]  # fmt: skip
+    geneval.write_suite(tmp_path / "suite.jsonl", rows)
+    cat = lambda score: Detection("cat", score, (0, 0, 4, 4))  # noqa: E731
+    scene = {
+        "a photo of three cats": [cat(0.95), cat(0.92), cat(0.5)],  # the third is below counting's 0.9
+        "a photo of a red cup and a blue dog": [Detection("cup", 0.8, (0, 0, 4, 4), "red"), Detection("dog", 0.6, (5, 5, 9, 9), "brown")],
+    }  # fmt: skip
+    asked = []
+
+    def detect(image, classes, with_colour):
+        prompt = "a photo of three cats" if classes == ["cat"] else "a photo of a red cup and a blue dog"
+        asked.append((classes, with_colour))
+        return scene[prompt]
+
+    reward = rewards.get("geneval", suite=str(tmp_path / "suite.jsonl"), detect=detect)
+    metadata = [{}, {}, {}]
+    prompts = [rows[0]["prompt"], rows[1]["prompt"], rows[0]["prompt"]]
+    values = reward(torch.zeros(3, 3, 8, 8), prompts, metadata)
+    # counting: 2 of 3 found -> 1 - 1/3; attribution: cup 1 + red 1 + dog 1 + blue 0 over 4 items
+    torch.testing.assert_close(values, torch.tensor([2 / 3, 3 / 4, 2 / 3]))
+    assert [m["geneval_correct"] for m in metadata] == [0.0, 0.0, 0.0]
+    assert asked[:2] == [(["cat"], False), (["cup", "dog"], True)]
+    scene["a photo of three cats"] = [cat(0.95)] * 3
+    assert (
+        reward(torch.zeros(1, 3, 8, 8), prompts[:1], metadata[:1]).item() == 1.0
+        and metadata[0]["geneval_correct"] == 1.0
+    )
+    scene["a photo of three cats"] = [cat(0.95)] * 4  # the exclude rule: four is not three
+    reward(torch.zeros(1, 3, 8, 8), prompts[:1], metadata[:1])
+    assert metadata[0]["geneval_correct"] == 0.0
+    with pytest.raises(RewardError, match="'a photo of a dog' is not a row"):
+        reward(torch.zeros(1, 3, 8, 8), ["a photo of a dog"], [{}])
+    with pytest.raises(RewardError, match="needs suite="):
+        rewards.get("geneval", detect=detect)

@@ -138,3 +138,15 @@ def test_prompt_embeddings_are_cached_and_equal_the_pipelines(monkeypatch):
     encode_prompts(pipe, ["x"], None, False)
     handle.remove()
     assert calls == [1] * 4  # "z" was kept, "x" dropped
+
+
+def test_the_execution_device_is_diffusers_own_and_defers_to_it_under_offloading(tiny_sd, monkeypatch):
+    """Without offloading hooks the denoiser's device is what ``pipe._execution_device`` finds by
+    walking every module; with a hook on any component the lookup is diffusers' own."""
+    from diffrl.transitions import execution_device
+
+    assert execution_device(tiny_sd) == tiny_sd._execution_device == torch.device("cpu")
+    monkeypatch.setattr(type(tiny_sd), "_execution_device", property(lambda self: torch.device("meta")))
+    assert execution_device(tiny_sd) == torch.device("cpu")  # no hook: not asked
+    monkeypatch.setattr(tiny_sd.text_encoder, "_hf_hook", object(), raising=False)
+    assert execution_device(tiny_sd) == torch.device("meta")

@@ -21,7 +21,11 @@ import torch
 
 from diffrl.errors import RewardError
 from diffrl.rewards.clip import aesthetic, clip_score
+from diffrl.rewards.geneval_detector import geneval_reward
+from diffrl.rewards.hps import hpsv2
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
+from diffrl.rewards.ocr import ocr
+from diffrl.rewards.pickscore import pickscore
 from diffrl.rewards.shapes import shapes_alignment, toy_geneval
 
 RewardFn = Callable[[torch.Tensor, list, list], torch.Tensor]
@@ -31,6 +35,10 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "jpeg_incompressibility": jpeg_incompressibility,
     "aesthetic": aesthetic,
     "clip_score": clip_score,
+    "pickscore": pickscore,
+    "hpsv2": hpsv2,
+    "ocr": ocr,
+    "geneval": geneval_reward,
     "shapes_alignment": shapes_alignment,
     "toy_geneval": toy_geneval,
 }

@@ -37,23 +37,32 @@ def load_clip(model: str, pretrained: str | None, device: str | torch.device = "
     return clip.eval().requires_grad_(False)
 
 
-def clip_preprocess(images: torch.Tensor, clip: nn.Module) -> torch.Tensor:
-    """Resize (short side), center-crop and normalise ``[B, 3, H, W]`` in [0, 1] for ``clip``.
+def resize_crop_normalize(
+    images: torch.Tensor, size: int, crop: int, mean, std, offset=round
+) -> torch.Tensor:
+    """CLIP's image transform in torch: short side of ``[B, 3, H, W]`` in [0, 1] to ``size``
+    (bicubic, antialiased; the long side truncated as torchvision and transformers do), a
+    ``crop`` × ``crop`` centre crop at offsets ``offset((H' − crop) / 2)`` (torchvision rounds,
+    transformers' PIL path floors: pass ``math.floor``), then ``(x − mean) / std`` per channel.
 
-    Returns ``[B, 3, S, S]`` float32 where S is the model's input size.
-    """
-    cfg = clip.visual.preprocess_cfg
-    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    Returns ``[B, 3, crop, crop]`` float32."""
     images = images.float()
     h, w = images.shape[-2:]
-    # short side to `size`, long side truncated, crop offsets rounded: as torchvision does
     new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
-    images = images[..., top : top + size, left : left + size].clamp(0, 1)
-    mean = torch.tensor(cfg["mean"], device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], device=images.device).view(1, 3, 1, 1)
+    top, left = int(offset((new_h - crop) / 2)), int(offset((new_w - crop) / 2))
+    images = images[..., top : top + crop, left : left + crop].clamp(0, 1)
+    mean = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
     return (images - mean) / std
+
+
+def clip_preprocess(images: torch.Tensor, clip: nn.Module) -> torch.Tensor:
+    """:func:`resize_crop_normalize` of ``[B, 3, H, W]`` in [0, 1] with an open_clip model's own
+    transform settings (its ``preprocess_cfg``). Returns ``[B, 3, S, S]`` float32, S its input size."""
+    cfg = clip.visual.preprocess_cfg
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    return resize_crop_normalize(images, size, size, cfg["mean"], cfg["std"])
 
 
 class AestheticMLP(nn.Module):
@@ -142,4 +151,4 @@ def clip_score(
     return reward
 
 
-__all__ = ["AestheticMLP", "aesthetic", "clip_preprocess", "clip_score", "load_clip"]
+__all__ = ["AestheticMLP", "aesthetic", "clip_preprocess", "clip_score", "load_clip", "resize_crop_normalize"]
