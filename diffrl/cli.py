@@ -360,6 +360,39 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_reward(args: argparse.Namespace) -> int:
+    """``diffrl serve-reward NAME [key=value ...]``: one registered reward over HTTP until Ctrl-C."""
+    import yaml
+
+    from diffrl.rewards.remote import make_server
+
+    kwargs = {}
+    for item in args.kwargs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"serve-reward: {item!r} is not key=value (a keyword argument of the reward)")
+        kwargs[key] = yaml.safe_load(value)
+    if args.name == "remote":
+        raise ConfigError("serve-reward: 'remote' is the client of a served reward; serve the reward itself")
+    reward_fn = rewards.get(args.name, **kwargs)  # built (and its weights loaded) before listening
+    try:
+        server = make_server(reward_fn, args.name, args.host, args.port, args.token)
+    except OSError as err:
+        raise ConfigError(
+            f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err}); "
+            "pick another --port (0 picks a free one)"
+        ) from err
+    host, port = server.server_address[:2]
+    print(f"diffrl serve-reward: {args.name} on http://{host}:{port} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from diffrl.report import write_report
 
@@ -467,6 +500,24 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--port", type=number(int, 0, 65535), default=8765, help="0 picks a free port")
     label.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     label.set_defaults(func=_label)
+
+    serve = sub.add_parser(
+        "serve-reward",
+        help="serve a registered reward over HTTP for runs with reward.name: remote",
+        description="Serve one reward (built-in name or package.module:function, with its keyword "
+        "arguments as key=value) on http://HOST:PORT: GET /health, POST /score (npz images + JSON). "
+        "Several runs may share it; requests are scored one batch at a time.",
+    )
+    serve.add_argument("name", metavar="NAME")
+    serve.add_argument(
+        "kwargs", nargs="*", metavar="key=value", help="keyword arguments of the reward (YAML values)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=number(int, 0, 65535), default=18085, help="0 picks a free port")
+    serve.add_argument(
+        "--token", default=None, help="bearer token clients must send (required beyond loopback)"
+    )
+    serve.set_defaults(func=_serve_reward)
 
     report = sub.add_parser(
         "report", help="(re)write RUN_DIR/report.html: curves, fixed-seed sample grids, config"

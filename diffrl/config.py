@@ -133,6 +133,11 @@ class TrainConfig:
     """Passes over each epoch's samples."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's T steps trained, in (0, 1]."""
+    timestep_selection: Literal["random", "first"] = "random"
+    """Which ``int(T · timestep_fraction)`` steps of a chain are trained: a random subset per chain
+    (DDPO), or the first ones — the highest-noise steps, where the layout is decided (Flow-GRPO
+    trains its first 9 of 10 and never the step onto σ = 0, whose noise changes no pixel but whose
+    log-prob gradient is the largest of the chain)."""
     timesteps_per_pass: int | Literal["auto"] = "auto"
     """Trained timesteps of a minibatch computed in one forward/backward pass (a batch of
     train.batch_size × this). The update is the same for any value (the policy does not change

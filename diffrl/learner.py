@@ -318,10 +318,18 @@ class Learner:
             )
         return min(self.per_pass, num_train_steps)
 
+    def step_order(self, span: int, trained: int, generator) -> torch.Tensor:
+        """One chain's ``span`` steps, the ``trained`` ones first in random order: any of them
+        (``train.timestep_selection: random``) or the first, highest-noise ones (``first``). ``[span]``."""
+        if self.config.train.timestep_selection == "random":
+            return torch.randperm(span, generator=generator)
+        return torch.cat([torch.randperm(trained, generator=generator), torch.arange(trained, span)])
+
     def train_epoch(self, loss_fn, batch: Batch, traj: Trajectory, streams, epoch: int, label: str) -> dict:
         """The update of one epoch: ``num_inner_epochs`` passes over the items with ``batch.trained``
         True, shuffled, in minibatches of ``train.batch_size``; each item's steps
-        ``batch.first_step..T-1`` in its own random order (``timestep_fraction`` of them), k =
+        ``batch.first_step..T-1`` in its own random order (``timestep_fraction`` of them, chosen by
+        :meth:`step_order`), k =
         ``timesteps_per_pass`` of them per forward/backward pass. Each pass is one
         :class:`~diffrl.algorithms.Term` for ``loss_fn(term, batch, config) -> (loss, stats)``,
         weighted by its share of the steps, so the accumulated gradient is that of one term per
@@ -370,7 +378,7 @@ class Learner:
         for inner in range(t.num_inner_epochs):
             order = torch.randperm(len(index), generator=streams.shuffle)
             step_order = batch.first_step + torch.stack(
-                [torch.randperm(span, generator=streams.shuffle) for _ in range(len(index))]
+                [self.step_order(span, num_train_steps, streams.shuffle) for _ in range(len(index))]
             )
             inner_label = f" {inner + 1}/{t.num_inner_epochs}" if t.num_inner_epochs > 1 else ""
             minibatches = progress(

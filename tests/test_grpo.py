@@ -187,3 +187,36 @@ def test_ddpo_and_rlcm_take_the_kl_penalty_of_the_shared_loss():
     without, stats = ddpo.loss(term, batch, load_config(None, ["algorithm=ddpo", "train.clip_range=0.1"]))
     torch.testing.assert_close(without, ppo)
     assert "kl" not in stats
+
+
+@pytest.mark.parametrize("selection", ["random", "first"])
+def test_the_trained_steps_are_a_random_subset_or_the_highest_noise_ones(tmp_path, selection):
+    """With timestep_fraction 1/2 of 6 steps each chain trains 3 distinct steps: any 3 (DDPO), or
+    exactly the first 3, the highest-noise ones (Flow-GRPO, which never trains the last)."""
+    config = resolve_train_config(
+        CONFIG, ["sample.num_steps=6", "sample.batch_size=8", "train.batch_size=4", "grpo.group_size=2",
+                 "train.gradient_accumulation_steps=1", "train.timestep_fraction=0.5",
+                 f"train.timestep_selection={selection}", f"run.output_dir={tmp_path}"], None,
+    )  # fmt: skip
+    learner = build_learner(config, Accelerator(cpu=True))
+    traj = sample_trajectories(
+        learner.pipe, ["a photo of a circle"] * 8, SamplerSettings(num_steps=6, guidance_scale=5.0, eta=1.0),
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    trained: dict[int, list[int]] = {}
+
+    def capture(term, batch, config):
+        for row, step in zip(term.rows.tolist(), term.steps.tolist()):
+            trained.setdefault(row, []).append(step)
+        return term.log_prob.mean() * 0, {}
+
+    batch = Batch(
+        members=torch.arange(8)[:, None], trained=torch.ones(8, dtype=torch.bool), rewards=torch.zeros(8)
+    )
+    learner.train_epoch(capture, batch, traj, Streams.seeded(0, 0), 0, "test")
+    assert sorted(trained) == list(range(8)) and all(len(set(s)) == len(s) == 3 for s in trained.values())
+    subsets = {tuple(sorted(s)) for s in trained.values()}
+    if selection == "first":
+        assert subsets == {(0, 1, 2)}
+    else:
+        assert len(subsets) > 1 and any(5 in s for s in subsets)

@@ -111,6 +111,31 @@ def test_offline_missing_weights_say_which_file():
         rewards.get("aesthetic", weights="no-such-org/no-such-repo")
 
 
+@pytest.mark.parametrize(
+    "name, kwargs, what",
+    [
+        (
+            "pickscore",
+            {"processor": "no-such-org/clip-processor"},
+            "PickScore processor 'no-such-org/clip-processor'",
+        ),
+        ("hpsv2", {"weights": "no-such-org/hps"}, "HPS_v2.1_compressed.pt.*local path"),
+        ("geneval", {"suite": None}, "needs suite="),
+    ],
+)
+def test_offline_model_rewards_name_what_is_missing(name, kwargs, what, tmp_path):
+    with pytest.raises((FileNotFoundError, RewardError), match=what):
+        rewards.get(name, **kwargs)
+
+
+def test_offline_geneval_detector_names_the_model(tmp_path):
+    from diffrl import geneval, toyworld
+
+    geneval.write_suite(tmp_path / "s.jsonl", [toyworld.geneval_row("a photo of a blue circle")])
+    with pytest.raises(FileNotFoundError, match="OWLv2 processor 'no-such-org/owl'.*local folder"):
+        rewards.get("geneval", suite=str(tmp_path / "s.jsonl"), detector="no-such-org/owl")
+
+
 def test_offline_missing_clip_weights_say_what_to_pass(tiny_clip, tmp_path):
     head = tmp_path / "head.pth"
     torch.save(AestheticMLP(16).state_dict(), head)

@@ -26,6 +26,7 @@ from diffrl.rewards.hps import hpsv2
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
 from diffrl.rewards.ocr import ocr
 from diffrl.rewards.pickscore import pickscore
+from diffrl.rewards.remote import remote
 from diffrl.rewards.shapes import shapes_alignment, toy_geneval
 
 RewardFn = Callable[[torch.Tensor, list, list], torch.Tensor]
@@ -39,6 +40,7 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "hpsv2": hpsv2,
     "ocr": ocr,
     "geneval": geneval_reward,
+    "remote": remote,
     "shapes_alignment": shapes_alignment,
     "toy_geneval": toy_geneval,
 }
