@@ -21,6 +21,7 @@ import torch
 
 from diffrl.errors import RewardError
 from diffrl.rewards.clip import aesthetic, clip_score
+from diffrl.rewards.combined import ensemble, weighted
 from diffrl.rewards.geneval_detector import geneval_reward
 from diffrl.rewards.hps import hpsv2
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
@@ -41,6 +42,8 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "ocr": ocr,
     "geneval": geneval_reward,
     "remote": remote,
+    "weighted": weighted,
+    "ensemble": ensemble,
     "shapes_alignment": shapes_alignment,
     "toy_geneval": toy_geneval,
 }
