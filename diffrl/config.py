@@ -231,6 +231,30 @@ class RewardConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The reward-hacking monitor (:mod:`diffrl.monitor`): image statistics logged every epoch as
+    ``image_<statistic>``, and ``hacking: 1`` (with ``hacking_reasons``) on flagged epochs."""
+
+    enabled: bool = True
+    baseline_epochs: int = 3
+    """Epochs whose mean is the baseline (the first ones of the run)."""
+    window: int = 3
+    """Epochs averaged for the current values."""
+    reward_rise: float = 0.5
+    """A rise of the reward above the baseline, in baseline reward standard deviations, that counts."""
+    tolerance: float = 0.1
+    """How far a statistic (each in [0, 1]) may move from its baseline while the reward rises."""
+    stop: bool = False
+    """End the run (after a checkpoint) at the first flagged epoch."""
+
+    def validate(self) -> None:
+        for key in ("baseline_epochs", "window"):
+            require(getattr(self, key) >= 1, f"monitor.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("reward_rise", "tolerance"):
+            require(getattr(self, key) >= 0, f"monitor.{key}", f"must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
 class PromptsConfig:
     source: str | list[str] = "simple_animals"
     """Built-in set name, text file path, or an inline list of prompts."""
@@ -304,6 +328,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     b2diffurl: B2DiffuRLConfig = field(default_factory=B2DiffuRLConfig)
     """Schedule, branching and selection of B²-DiffuRL (used when algorithm = b2diffurl)."""
     d3po: D3POConfig = field(default_factory=D3POConfig)
@@ -321,7 +346,15 @@ def validate(config: Config) -> Config:
     """Every section's own checks, then the checks across sections: the sampler the algorithm
     trains on, and the algorithm's own (its module's ``validate``); raises :class:`ConfigError`."""
     algorithm = algorithms.get(config.algorithm)
-    sections = [config.model, config.sample, config.train, config.stat_tracking, config.reward, config.run]
+    sections = [
+        config.model,
+        config.sample,
+        config.train,
+        config.stat_tracking,
+        config.reward,
+        config.run,
+        config.monitor,
+    ]
     if algorithm.section:
         sections.append(getattr(config, algorithm.section))
     for section in sections:

@@ -1,7 +1,8 @@
 """``report.html``: one page per run folder, written after every epoch and by ``diffrl report RUN_DIR``.
 
 It shows the reward curve with its spread (mean ± standard deviation over the epoch's samples),
-approx_kl and clipfrac (or, for Diffusion-DPO/SePPO, the loss and implicit accuracy), the sample
+approx_kl and clipfrac (or, for Diffusion-DPO/SePPO, the loss and implicit accuracy), the
+reward-hacking monitor's image statistics and flagged epochs (:mod:`diffrl.monitor`), the sample
 grids of the fixed seeded prompts before training, at the middle epoch and after training side by
 side, and the resolved ``config.yaml``. Charts are inline SVG; images are linked relative to the
 run folder, so the page works wherever the folder is copied.
@@ -22,6 +23,9 @@ CHARTS = (
     ("clipfrac", None, "clipfrac"),
     ("loss", None, "loss"),
     ("accuracy", None, "implicit accuracy"),
+    ("image_saturation", None, "image saturation"),
+    ("image_diversity", None, "image diversity"),
+    ("image_high_freq", None, "image high-frequency energy"),
 )
 """(metric, its spread or None, title) of each chart, drawn when the run logged the metric."""
 GRIDS = (("before.png", "before training"), ("middle.png", "middle epoch"), ("after.png", "after training"))
@@ -74,6 +78,20 @@ def charts(records: list[dict]) -> list[str]:
     return out
 
 
+def hacking_section(records: list[dict]) -> str:
+    """The reward-hacking monitor's flagged epochs (:mod:`diffrl.monitor`) as a list, or a line
+    saying none was flagged; empty for runs without the monitor."""
+    if not any("hacking" in r for r in records):
+        return ""
+    flagged = [r for r in records if r.get("hacking")]
+    if not flagged:
+        return '<h2>Reward-hacking monitor</h2><p id="hacking">no epoch flagged</p>'
+    items = "".join(
+        f"<li>epoch {r['epoch']}: {html.escape(str(r.get('hacking_reasons', '')))}</li>" for r in flagged
+    )
+    return f'<h2>Reward-hacking monitor</h2><ul id="hacking" class="warning">{items}</ul>'
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write (atomically) and return ``run_dir/report.html`` from the folder's metrics.jsonl,
     sample grids and config.yaml."""
@@ -100,11 +118,13 @@ body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
 .charts, .grids {{ display: flex; flex-wrap: wrap; gap: 1rem; }}
 figure {{ margin: 0; }} figure img {{ max-width: 420px; image-rendering: pixelated; border: 1px solid #ccc; }}
 pre {{ background: #f4f4f4; padding: 1rem; overflow-x: auto; }}
+.warning {{ color: #a50f15; }}
 </style></head><body>
 <h1>{html.escape(run_dir.name)}</h1>
 <p>{len(records)} epochs logged{"; last: " + html.escape(summary) if summary else ""}.</p>
 <h2>Training curves</h2>
 <div class="charts">{"".join(charts(records)) or "<p>no epochs yet</p>"}</div>
+{hacking_section(records)}
 <h2>Samples: fixed prompts and seed</h2>
 <div class="grids">{"".join(grids) or "<p>no sample grids yet</p>"}</div>
 <h2>Config</h2>

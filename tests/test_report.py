@@ -52,6 +52,14 @@ def test_a_run_writes_a_report_that_renders_with_its_images(tmp_path):
             browser.close()
     assert [src for src, _ in images] == ["samples/before.png", "samples/middle.png", "samples/after.png"]
     assert all(width > 0 for _, width in images), images  # every grid loaded
-    assert metrics == ["reward (mean ± std)", "approx_kl", "clipfrac", "loss"]
+    assert metrics == [
+        "reward (mean ± std)",
+        "approx_kl",
+        "clipfrac",
+        "loss",
+        "image saturation",
+        "image diversity",
+        "image high-frequency energy",
+    ]
     assert len(points.split()) == len(read_jsonl(run / "metrics.jsonl")) == 2
     assert "reward:" in config and "name: jpeg_compressibility" in config
