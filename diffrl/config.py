@@ -231,6 +231,44 @@ class RewardConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation rewards a run reports but does not optimise: at epoch 0, every ``eval.every``
+    epochs and after the last, the trained weights (their average with ``train.ema``) sample ``num_images``
+    images of ``prompts`` from the fixed ``seed``, logged as ``eval_<label>`` per reward."""
+
+    rewards: list[dict] = field(default_factory=list)
+    """``{name, kwargs?, label?}`` each: a registered reward or ``package.module:function``."""
+    prompts: str | list[str] | None = None
+    """Prompt source of the evaluation (default: the training prompts), cycled in order."""
+    every: int = 10
+    num_images: int = 32
+    seed: int = 0
+    num_steps: int | None = None
+    """Sampler steps (default ``sample.num_steps``)."""
+    eta: float | None = None
+    """Sampler noise (default ``sample.eta``; 0 is the deterministic DDIM / ODE sampler)."""
+
+    def validate(self) -> None:
+        for key in ("every", "num_images"):
+            require(getattr(self, key) >= 1, f"eval.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(
+            self.num_steps is None or self.num_steps >= 1,
+            "eval.num_steps",
+            f"must be >= 1, got {self.num_steps}",
+        )
+        require(self.eta is None or self.eta >= 0, "eval.eta", f"must be >= 0, got {self.eta}")
+        labels = []
+        for i, spec in enumerate(self.rewards):
+            require(
+                isinstance(spec, dict) and "name" in spec and not set(spec) - {"name", "kwargs", "label"},
+                f"eval.rewards[{i}]",
+                f"expected {{name, kwargs, label}}, got {spec!r}",
+            )
+            labels.append(spec.get("label", spec["name"]))
+        require(len(set(labels)) == len(labels), "eval.rewards", f"labels {labels} repeat; give each a label")
+
+
+@dataclass
 class MonitorConfig:
     """The reward-hacking monitor (:mod:`diffrl.monitor`): image statistics logged every epoch as
     ``image_<statistic>``, and ``hacking: 1`` (with ``hacking_reasons``) on flagged epochs."""
@@ -243,7 +281,8 @@ class MonitorConfig:
     reward_rise: float = 0.5
     """A rise of the reward above the baseline, in baseline reward standard deviations, that counts."""
     tolerance: float = 0.1
-    """How far a statistic (each in [0, 1]) may move from its baseline while the reward rises."""
+    """How far a statistic (each in [0, 1]) may move from its baseline while the reward rises; an
+    evaluation reward (``eval_<label>``) may fall this fraction of its first value."""
     stop: bool = False
     """End the run (after a checkpoint) at the first flagged epoch."""
 
@@ -328,6 +367,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     b2diffurl: B2DiffuRLConfig = field(default_factory=B2DiffuRLConfig)
     """Schedule, branching and selection of B²-DiffuRL (used when algorithm = b2diffurl)."""
@@ -353,6 +393,7 @@ def validate(config: Config) -> Config:
         config.stat_tracking,
         config.reward,
         config.run,
+        config.eval,
         config.monitor,
     ]
     if algorithm.section:

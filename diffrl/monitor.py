@@ -12,7 +12,9 @@ Every epoch's images give (all in [0, 1], ``[N, 3, H, W]`` float images in [0, 1
 The monitor's baseline is the mean of the first ``monitor.baseline_epochs`` epochs. An epoch is
 flagged when the reward, averaged over the last ``monitor.window`` epochs, is more than
 ``monitor.reward_rise`` baseline standard deviations above the baseline reward while some
-statistic, averaged the same way, is more than ``monitor.tolerance`` from its baseline.
+statistic, averaged the same way, is more than ``monitor.tolerance`` from its baseline, or an
+evaluation reward the run does not optimise (``eval_<label>``, section ``eval``) fell by more than
+that fraction of its first value.
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ class HackingMonitor:
                 before, now = self._mean(base, key), self._mean(recent, key)
                 if abs(now - before) > self.tolerance:
                     reasons.append(f"{name} {before:.3f} -> {now:.3f}")
+        for key in (k for k in record if k.startswith("eval_")):
+            first = next(r[key] for r in self.history if key in r)
+            if first - record[key] > self.tolerance * max(abs(first), 1e-8):
+                reasons.append(f"{key} {first:.4g} -> {record[key]:.4g}")
         if reasons:
             reasons.insert(0, f"reward +{rise:.2f} baseline std")
         return reasons

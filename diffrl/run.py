@@ -15,10 +15,11 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
 from diffrl import runfolder
@@ -30,7 +31,7 @@ from diffrl.checkpoints import (
     save_checkpoint,
     trainable_state,
 )
-from diffrl.collect import sample_batch, score_images
+from diffrl.collect import sample_batch, sampler_settings, score_images
 from diffrl.config import dump_yaml, to_dict
 from diffrl.configfile import flatten
 from diffrl.errors import RunStopped
@@ -44,6 +45,7 @@ from diffrl.files import (
     truncate_metrics,
 )
 from diffrl.report import write_report
+from diffrl.rollout import sample_trajectories
 from diffrl.sharding import sharded
 from diffrl.transitions import denoiser, family
 
@@ -174,6 +176,20 @@ def export_weights(pipe, use_lora: bool, run_dir: Path, main: bool = True) -> No
     _swap_in(tmp, run_dir / name)
 
 
+def evaluation_rewards(config, training_prompts: list[str]) -> tuple[list, list[str]]:
+    """The run's evaluation rewards ``[(label, reward)]`` (built, so that a bad name or missing
+    weights fail before training) and their prompts (``eval.prompts``, else the training ones)."""
+    from diffrl import rewards
+    from diffrl.prompts import load_prompts
+
+    built = [
+        (spec.get("label", spec["name"]), rewards.get(spec["name"], **spec.get("kwargs", {})))
+        for spec in config.eval.rewards
+    ]
+    prompts = load_prompts(config.eval.prompts).prompts if config.eval.prompts else training_prompts
+    return built, prompts
+
+
 class Run:
     """One run's folder and lifecycle around a :class:`~diffrl.learner.Learner`.
 
@@ -186,6 +202,7 @@ class Run:
     def __init__(self, config, learner, state, streams: Streams, reward_fn, grid_prompts: list[str]):
         self.config, self.learner, self.state, self.streams = config, learner, state, streams
         self.reward_fn, self.grid_prompts = reward_fn, grid_prompts
+        self.eval_rewards, self.eval_prompts = evaluation_rewards(config, grid_prompts)
         self.accelerator = accelerator = learner.accelerator
         self.main = accelerator.is_main_process
         self.dir, self.start_epoch = Path(config.run.output_dir) / config.run.name, 0
@@ -252,6 +269,39 @@ class Run:
         values = score_images(self.reward_fn, traj, self.config, f"sample grid {name}")
         captions = [f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values.tolist())]
         self._later(save_png, image_grid(traj.images, captions), self.dir / "samples" / name)
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """``{"eval_<label>": mean}`` of each evaluation reward (section ``eval``) on its fixed prompts
+        and seed with the averaged weights, at epoch 0, every ``eval.every`` epochs and after the last; ``{}``
+        otherwise. Every process calls it and gets the main process's values; the main one samples
+        (under FSDP all take part)."""
+        e = self.config.eval
+        due = epoch % e.every == 0 or epoch == self.config.run.num_epochs - 1
+        if not self.eval_rewards or not due:
+            return {}
+        values = {}
+        if self.main or sharded(denoiser(self.learner.pipe)):
+            settings = replace(
+                sampler_settings(self.config),
+                num_steps=e.num_steps or self.config.sample.num_steps,
+                eta=self.config.sample.eta if e.eta is None else e.eta,
+            )
+            prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(e.num_images)]
+            generator, chunk = torch.Generator().manual_seed(e.seed), self.config.sample.batch_size
+            with self.averaged():
+                trajs = [
+                    sample_trajectories(
+                        self.learner.pipe, prompts[i : i + chunk], settings, generator=generator
+                    )
+                    for i in range(0, len(prompts), chunk)
+                ]
+            for label, reward in self.eval_rewards:
+                where = f"evaluation reward {label}, epoch {epoch}"
+                scores = torch.cat([score_images(reward, traj, self.config, where) for traj in trajs])
+                values[f"eval_{label}"] = scores[torch.isfinite(scores)].mean().item()
+        if self.accelerator.num_processes > 1:
+            values = broadcast_object_list([values])[0]
+        return values
 
     def averaged(self):
         """Inside the block the denoiser holds the moving average of its trained weights when the

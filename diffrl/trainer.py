@@ -202,6 +202,7 @@ def train_online(config, algorithm, accelerator, source, reward_fn, state, stop:
             "time_reward": rollouts.time_reward,
             "time_training": time.perf_counter() - t0,
         }
+        record.update(run.evaluate(epoch))
         flagged = watch(monitor, record, rollouts.traj, accelerator, clock.label(epoch))
         accelerator.print(
             f"{clock.label(epoch)}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, "

@@ -89,3 +89,40 @@ def test_a_run_logs_the_statistics_and_stops_at_the_flagged_epoch(tmp_path, monk
     assert (tmp_path / "hack" / "checkpoints" / "epoch_0001").is_dir()
     page = (tmp_path / "hack" / "report.html").read_text()
     assert "<li>epoch 1: reward +" in page and 'data-metric="image saturation"' in page
+
+
+def test_an_evaluation_reward_falling_flags_while_the_reward_rises():
+    records = _stream([0.5, 0.5, 0.5, 0.6, 0.7, 0.8], [0.3] * 6)  # statistics stable
+    records[0]["eval_clip"], records[3]["eval_clip"], records[5]["eval_clip"] = 30.0, 28.0, 26.0
+    monitor = HackingMonitor(3, 2, 0.5, 0.1)
+    reasons = [monitor.update(r) for r in records]
+    assert [bool(r) for r in reasons] == [False] * 5 + [True]  # 28 is within 10% of 30; 26 is not
+    assert reasons[-1][1] == "eval_clip 30 -> 26"
+
+
+def test_a_run_reports_evaluation_rewards_on_fixed_prompts_and_seeds(tmp_path):
+    """``eval.rewards`` at epoch 0, every ``eval.every`` epochs and the last: the same images as
+    sampling the fixed prompts from the fixed seed with the weights of that epoch, scored by hand."""
+    from diffrl import rewards
+    from diffrl.evaluation import load_for_eval
+    from diffrl.files import read_jsonl
+    from diffrl.rollout import sample_trajectories
+    from diffrl.types import SamplerSettings
+    from tests.test_trainer import _run
+
+    evals = "eval.rewards=[{name: jpeg_compressibility, label: jpeg}, {name: shapes_alignment}]"
+    overrides = [evals, "eval.prompts=toy_heldout_single", "eval.every=2", "eval.num_images=6", "eval.eta=0"]
+    _run(tmp_path, "ev", "run.num_epochs=3", "model.pretrained=tiny", *overrides)
+    records = read_jsonl(tmp_path / "ev" / "metrics.jsonl")
+    assert [sorted(k for k in r if k.startswith("eval_")) for r in records] == [
+        ["eval_jpeg", "eval_shapes_alignment"], [], ["eval_jpeg", "eval_shapes_alignment"]
+    ]  # fmt: skip
+    from diffrl.prompts import load_prompts
+
+    prompts = load_prompts("toy_heldout_single").prompts[:6]
+    pipe, _ = load_for_eval(str(tmp_path / "ev"))  # the last epoch's exported weights
+    traj = sample_trajectories(
+        pipe, prompts, SamplerSettings(num_steps=4, guidance_scale=5.0, eta=0.0), generator=torch.Generator().manual_seed(0)
+    )  # fmt: skip
+    want = rewards.get("shapes_alignment")(traj.images, prompts).mean().item()
+    assert records[-1]["eval_shapes_alignment"] == pytest.approx(want, abs=1e-4)
