@@ -220,3 +220,40 @@ def test_the_trained_steps_are_a_random_subset_or_the_highest_noise_ones(tmp_pat
         assert subsets == {(0, 1, 2)}
     else:
         assert len(subsets) > 1 and any(5 in s for s in subsets)
+
+
+def test_each_member_reward_is_normalised_in_its_group_before_the_weighted_sum():
+    """A = Σ_k w_k (r_k − mean_g) / (std_g + eps): a member with a small spread (the hard, sparse
+    one) counts as much as one with a large spread, which plain normalisation of the sum drowns."""
+    from diffrl.algorithms import Context, Rollouts
+    from diffrl.algorithms.grpo import prepare
+
+    class Chains(list):
+        parents, prompts = None, ["a"] * 4 + ["b"] * 4
+
+    easy = [0.0, 10.0, 20.0, 30.0, 5.0, 5.0, 15.0, 15.0]
+    hard = [0.1, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0]
+    specs = [
+        {"name": "x:easy", "label": "easy", "weight": 1.0},
+        {"name": "x:hard", "label": "hard", "weight": 2.0},
+    ]
+    config = load_config(
+        None,
+        ["algorithm=grpo", "grpo.group_size=4", "reward.name=weighted", "grpo.normalize_each_reward=true"],
+    )
+    config.reward.kwargs = {"rewards": specs}
+    metadata = [{"component_easy": e, "component_hard": h} for e, h in zip(easy, hard)]
+    total = torch.tensor([e + 2 * h for e, h in zip(easy, hard)])
+    ctx = Context(config, Accelerator(cpu=True), None, None)
+    batch = prepare(ctx, Rollouts(Chains(range(8)), total, metadata), 0)
+
+    def norm(values):
+        v = torch.tensor(values, dtype=torch.float64)
+        return (v - v.mean()) / (v.std(unbiased=False) + 1e-4)
+
+    want = torch.cat([norm(easy[:4]) + 2 * norm(hard[:4]), norm(easy[4:]) + 2 * norm(hard[4:])])
+    torch.testing.assert_close(batch.values["advantages"], want.float(), rtol=1e-5, atol=1e-5)
+    plain = group_advantages(Chains.prompts, total, False, 1e-4)
+    assert (want[:4].float() - plain[:4]).abs().max() > 1.0  # the hard member moves the advantages
+    with pytest.raises(ConfigError, match="grpo.normalize_each_reward: normalises the members"):
+        load_config(None, ["algorithm=grpo", "grpo.normalize_each_reward=true"])

@@ -55,6 +55,10 @@ class GRPOConfig:
     """Divide advantages by the whole gathered batch's reward std instead of each group's."""
     std_eps: float = 1e-4
     """eps added to the std of the advantage (Flow-GRPO: 1e-4)."""
+    normalize_each_reward: bool = False
+    """With ``reward.name: weighted``: normalise each member reward within its group and sum the
+    weighted advantages, A = Σ_k w_k (r_k − mean_g r_k) / (std_g r_k + eps) (MixGRPO; GDPO), so
+    that a reward with a small spread is not drowned by one with a large spread."""
 
     def validate(self) -> None:
         require(self.group_size >= 2, "grpo.group_size", f"must be >= 2, got {self.group_size}")
@@ -65,8 +69,13 @@ Config = GRPOConfig
 
 
 def validate(config) -> None:
-    """Whole groups and whole optimizer steps per epoch."""
+    """Whole groups and whole optimizer steps per epoch; per-reward normalisation needs members."""
     s, g = config.sample, config.grpo
+    require(
+        not g.normalize_each_reward or config.reward.name == "weighted",
+        "grpo.normalize_each_reward",
+        f"normalises the members of reward.name: weighted, but the reward is {config.reward.name!r}",
+    )
     samples = s.batch_size * s.num_batches_per_epoch
     require(
         samples % g.group_size == 0,
@@ -97,12 +106,38 @@ def group_advantages(prompts: list[str], rewards: torch.Tensor, global_std: bool
     return advantages.float()
 
 
+def member_advantages(ctx: Context, rollouts: Rollouts, gathered, epoch: int) -> torch.Tensor:
+    """Σ_k w_k · :func:`group_advantages` of each member reward of ``reward.name: weighted``, read
+    from the metadata it writes (``component_<label>``), gathered over processes. ``[P·N]``."""
+    from diffrl.errors import RewardError
+
+    total = torch.zeros(gathered.rewards.shape[0])
+    for spec in ctx.config.reward.kwargs["rewards"]:
+        label = spec.get("label", spec["name"])
+        local = torch.tensor(
+            [m.get(f"component_{label}", float("nan")) for m in rollouts.metadata], dtype=torch.float32
+        )
+        values = ctx.accelerator.gather(local.to(ctx.accelerator.device)).cpu()
+        values[~gathered.finite] = float("nan")  # a dropped sample is dropped for every member
+        if not torch.isfinite(values).any():
+            raise RewardError(f"epoch {epoch}: member reward {label!r} wrote no component_{label} values")
+        g = ctx.config.grpo
+        total += float(spec.get("weight", 1.0)) * group_advantages(
+            gathered.prompts, values, g.global_std, g.std_eps
+        )
+    return total
+
+
 def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
-    """Group-relative advantages of the gathered epoch; chains with A = 0 (a group of equal
-    rewards, or a dropped reward) are not trained."""
+    """Group-relative advantages of the gathered epoch (of each member reward, summed, with
+    ``grpo.normalize_each_reward``); chains with A = 0 (a group of equal rewards, or a dropped
+    reward) are not trained."""
     g = ctx.config.grpo
     gathered = gather(ctx, rollouts, epoch)
-    advantages = group_advantages(gathered.prompts, gathered.rewards, g.global_std, g.std_eps)
+    if g.normalize_each_reward:
+        advantages = member_advantages(ctx, rollouts, gathered, epoch)
+    else:
+        advantages = group_advantages(gathered.prompts, gathered.rewards, g.global_std, g.std_eps)
     trained = gathered.finite & (advantages != 0)
     batch = per_sample(advantages, trained, gathered)
     batch.metrics["frac_zero_advantage"] = 1.0 - trained.float().mean().item()
