@@ -33,7 +33,9 @@ from diffusers import FluxPipeline, LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.policies.ddim import ddim_step_with_logprob
+from diffrl.policies.ddim import predicted_x0 as ddim_predicted_x0
 from diffrl.policies.flow import flow_step_with_logprob
+from diffrl.policies.flow import predicted_x0 as flow_predicted_x0
 from diffrl.policies.lcm import guidance_embedding, lcm_step_with_logprob
 from diffrl.text import encode_prompts
 from diffrl.types import SamplerSettings, StepOutput, Text
@@ -203,6 +205,11 @@ class UNetTransition(_Begin):
             with_logprob=self.eta > 0,
         )
 
+    def predicted_x0(self, eps, t, x) -> torch.Tensor:
+        """The Tweedie estimate x̂0 of ``x`` at ``t`` from the UNet's output
+        (:func:`diffrl.policies.ddim.predicted_x0`), ``[B, C, h, w]`` float32."""
+        return ddim_predicted_x0(self.pipe.scheduler, eps, t, x)
+
     def actions(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The timesteps whose steps are stochastic actions of the MDP: all of DDIM's; all but the
         last of an LCM's H (its last step maps x_{τ_H} to the final latents deterministically)."""
@@ -350,16 +357,8 @@ class FlowTransition(_Begin):
     def step(self, v, t, x, generator=None, prev_sample=None) -> StepOutput:
         """x at the next σ given x at σ = t / 1000 and its velocity: the flow step of ``kind``
         (ODE at eta = 0) from the scheduler's σ_i to σ_{i+1}, one pair per sample when ``t`` is ``[B]``."""
-        scheduler = self.pipe.scheduler
-        timesteps = scheduler.timesteps.to(x.device)
-        t = torch.as_tensor(t, device=x.device, dtype=timesteps.dtype).reshape(-1)
-        match = (t[:, None] == timesteps[None, :]).float()
-        if not bool((match.sum(dim=1) == 1).all()):
-            raise ValueError(
-                f"timesteps {t.tolist()} are not on the scheduler's schedule {timesteps.tolist()}"
-            )
-        index = match.argmax(dim=1)
-        sigmas = scheduler.sigmas.to(x.device, torch.float32)
+        index = self._index(t, x.device)
+        sigmas = self.pipe.scheduler.sigmas.to(x.device, torch.float32)
         return flow_step_with_logprob(
             v,
             x,
@@ -371,6 +370,23 @@ class FlowTransition(_Begin):
             generator=generator,
             prev_sample=prev_sample,
         )
+
+    def _index(self, t, device) -> torch.Tensor:
+        """The position of each ``t`` (a scalar or ``[B]``) on the scheduler's schedule; off-schedule
+        timesteps are refused."""
+        timesteps = self.pipe.scheduler.timesteps.to(device)
+        t = torch.as_tensor(t, device=device, dtype=timesteps.dtype).reshape(-1)
+        match = (t[:, None] == timesteps[None, :]).float()
+        if not bool((match.sum(dim=1) == 1).all()):
+            raise ValueError(
+                f"timesteps {t.tolist()} are not on the scheduler's schedule {timesteps.tolist()}"
+            )
+        return match.argmax(dim=1)
+
+    def predicted_x0(self, v, t, x) -> torch.Tensor:
+        """x̂0 = x − σ v at σ of ``t`` (:func:`diffrl.policies.flow.predicted_x0`), ``[B, C, h, w]``."""
+        sigma = self.pipe.scheduler.sigmas.to(x.device, torch.float32)[self._index(t, x.device)]
+        return flow_predicted_x0(v, sigma, x)
 
     @property
     def _last_is_deterministic(self) -> bool:

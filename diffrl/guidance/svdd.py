@@ -34,8 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffrl.policies.ddim import predicted_x0
-from diffrl.transitions import UNetTransition, decode_latents
+from diffrl.transitions import decode_latents, transition_for
 from diffrl.types import SamplerSettings
 
 GUIDED = SamplerSettings(guidance_scale=7.5)
@@ -62,10 +61,11 @@ class GuidedSamples:
 
 
 def posterior_mean_value(reward_fn) -> ValueFn:
-    """SVDD-PM: the reward of the decoded Tweedie estimate x̂_0 of each state."""
+    """SVDD-PM: the reward of the decoded estimate x̂_0 of each state (Tweedie's from a UNet's
+    noise prediction; x − σ v from a flow model's velocity)."""
 
     def value(pipe, latents, timestep, noise_pred, prompts, prompt_embeds):
-        x0 = predicted_x0(pipe.scheduler, noise_pred, timestep, latents)
+        x0 = transition_for(pipe, GUIDED).predicted_x0(noise_pred, timestep, latents)
         images = decode_latents(pipe, x0)
         return reward_fn(images, list(prompts), [{} for _ in prompts]).to(latents.device)
 
@@ -122,7 +122,8 @@ def svdd(
 ) -> GuidedSamples:
     """SVDD (Alg. 1): one image per prompt, M = ``num_candidates`` candidates per step chosen by
     ``value`` (:func:`posterior_mean_value` or :func:`diffrl.guidance.value.value_net_value`; unused, and may be None,
-    when M = 1). The transition is the pipeline's: DDIM for SD, the consistency step for an LCM.
+    when M = 1). The transition is the pipeline's: DDIM for SD, the consistency step for an LCM,
+    the Flow-GRPO SDE (or CPS) step for SD3/FLUX (``settings.eta`` > 0).
 
     With M = 1 this is plain sampling, draw for draw. Costs P + P·M·(T−1) UNet evaluations.
     Returns :class:`GuidedSamples`.
@@ -132,7 +133,7 @@ def svdd(
         raise ValueError(
             f"need num_candidates >= 1, alpha >= 0, resample_fraction in [0, 1); got {m}, {alpha}, {resample_fraction}"
         )
-    transition = UNetTransition(pipe, settings.guidance_scale, settings.eta)
+    transition = transition_for(pipe, settings)
     if m > 1 and not transition.stochastic:
         raise ValueError("SVDD needs eta > 0: with a deterministic step all candidates are the same")
     text, x, timesteps, eps = transition.start(prompts, settings, generator)
@@ -181,7 +182,7 @@ def smc(
             f"SMC needs alpha > 0 (weights exp(v/alpha)) and num_particles >= 1; got {alpha}, {n}"
         )
     prompts_n = [q for q in prompts for _ in range(n)]
-    transition = UNetTransition(pipe, settings.guidance_scale, settings.eta)
+    transition = transition_for(pipe, settings)
     text, x, timesteps, eps = transition.start(prompts_n, settings, generator)
     p, calls = len(prompts), len(prompts_n)
     previous = torch.zeros(p * n, device=x.device)
