@@ -326,11 +326,10 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label(args: argparse.Namespace) -> int:
-    from diffrl.labeling import is_loopback, label_state, make_server, page_url
-
+def _listen(make, args: argparse.Namespace):
+    """``make()`` (a server bound to ``--host``/``--port``), its bind failure as one ConfigError line."""
     try:
-        server = make_server(args.run_dir, args.host, args.port)
+        return make()
     except OSError as err:
         if isinstance(err, FileNotFoundError):
             raise
@@ -338,6 +337,23 @@ def _label(args: argparse.Namespace) -> int:
             f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err}); "
             "pick another --port (0 picks a free one)"
         ) from err
+
+
+def _serve_until_interrupted(server) -> int:
+    """Serve until Ctrl-C, then close the socket."""
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    from diffrl.labeling import is_loopback, label_state, make_server, page_url
+
+    server = _listen(lambda: make_server(args.run_dir, args.host, args.port), args)
     state = label_state(server.run_dir)
     if not is_loopback(args.host):
         print(
@@ -351,13 +367,7 @@ def _label(args: argparse.Namespace) -> int:
         "Ctrl-C stops (every choice is already saved)",
         flush=True,
     )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+    return _serve_until_interrupted(server)
 
 
 def _serve_reward(args: argparse.Namespace) -> int:
@@ -375,22 +385,10 @@ def _serve_reward(args: argparse.Namespace) -> int:
     if args.name == "remote":
         raise ConfigError("serve-reward: 'remote' is the client of a served reward; serve the reward itself")
     reward_fn = rewards.get(args.name, **kwargs)  # built (and its weights loaded) before listening
-    try:
-        server = make_server(reward_fn, args.name, args.host, args.port, args.token)
-    except OSError as err:
-        raise ConfigError(
-            f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err}); "
-            "pick another --port (0 picks a free one)"
-        ) from err
+    server = _listen(lambda: make_server(reward_fn, args.name, args.host, args.port, args.token), args)
     host, port = server.server_address[:2]
     print(f"diffrl serve-reward: {args.name} on http://{host}:{port} (Ctrl-C stops)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+    return _serve_until_interrupted(server)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -21,9 +21,8 @@ from diffrl.algorithms import Context
 from diffrl.checkpoints import resolve_resume
 from diffrl.collect import metadata_means, sample_epoch
 from diffrl.errors import ConfigError
-from diffrl.files import read_jsonl
 from diffrl.learner import build_learner, process_mean
-from diffrl.monitor import HackingMonitor, image_statistics
+from diffrl.monitor import start_monitor, watch
 from diffrl.pipelines import inspect_pipeline
 from diffrl.progress import EpochClock
 from diffrl.prompts import load_prompts
@@ -219,31 +218,3 @@ def train_online(config, algorithm, accelerator, source, reward_fn, state, stop:
             )
             break
     return run.finish()
-
-
-def start_monitor(config, run) -> HackingMonitor | None:
-    """The run's :class:`~diffrl.monitor.HackingMonitor` (``monitor.enabled``), holding a resumed
-    run's earlier records."""
-    m = config.monitor
-    if not m.enabled:
-        return None
-    metrics = run.dir / "metrics.jsonl"
-    history = [r for r in read_jsonl(metrics) if r["epoch"] < run.epochs.start] if metrics.exists() else []
-    return HackingMonitor(m.baseline_epochs, m.window, m.reward_rise, m.tolerance, history)
-
-
-def watch(monitor, record: dict, traj, accelerator, label: str) -> bool:
-    """Add the images' statistics (``image_<statistic>``, averaged over processes, so that every
-    process takes the same decision) to the epoch's ``record`` and
-    let ``monitor`` judge it; a flagged epoch gets ``hacking: 1`` and its reasons, and a warning."""
-    if monitor is None:
-        return False
-    stats = image_statistics(traj.images, traj.prompts)
-    means = accelerator.reduce(torch.tensor(list(stats.values()), device=accelerator.device), "mean")
-    record.update({f"image_{k}": v for k, v in zip(stats, means.tolist())})  # the same on every process
-    reasons = monitor.update(record)
-    record["hacking"] = int(bool(reasons))
-    if reasons:
-        record["hacking_reasons"] = "; ".join(reasons)
-        accelerator.print(f"{label}: WARNING possible reward hacking: {'; '.join(reasons)}", flush=True)
-    return bool(reasons)

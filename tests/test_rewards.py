@@ -197,30 +197,26 @@ def _smooth_images(shape=(48, 64)) -> torch.Tensor:
     return (smooth * 255).round() / 255
 
 
+def _clip_family_configs():
+    """The character-level CLIP tokenizer and one-layer text / vision tower settings (width 16,
+    32 px, patch 8) that the tiny CLIP and OWLv2 models below share."""
+    from diffrl.testing import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    vocab = len(tokenizer)
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text = dict(tower, vocab_size=vocab, max_position_embeddings=77)
+    text.update(bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    return tokenizer, text, dict(tower, image_size=32, patch_size=8)
+
+
 @pytest.fixture(scope="module")
 def tiny_pickscore():
     """A random transformers ``CLIPModel`` and a ``CLIPProcessor`` on the PIL backend, the
     image processor PickScore was released with (at 32 px instead of 224)."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
-    from diffrl.testing import tiny_clip_tokenizer
-
-    tokenizer = tiny_clip_tokenizer()
-    vocab = len(tokenizer)
-    text = dict(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-    )
-    text.update(
-        max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1
-    )
-    vision = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
+    tokenizer, text, vision = _clip_family_configs()
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -315,24 +311,7 @@ def tiny_owl():
     """A random ``Owlv2ForObjectDetection`` and its processor at 32 px (nothing downloaded)."""
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
-    from diffrl.testing import tiny_clip_tokenizer
-
-    tokenizer = tiny_clip_tokenizer()
-    vocab = len(tokenizer)
-    text = dict(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-    )
-    text.update(
-        max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1
-    )
-    vision = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
+    tokenizer, text, vision = _clip_family_configs()
     torch.manual_seed(0)
     model = Owlv2ForObjectDetection(
         Owlv2Config(text_config=text, vision_config=vision, projection_dim=16)
