@@ -27,6 +27,7 @@ from diffrl.rewards.hps import hpsv2
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
 from diffrl.rewards.ocr import ocr
 from diffrl.rewards.pickscore import pickscore
+from diffrl.rewards.proxy import proxy
 from diffrl.rewards.remote import remote
 from diffrl.rewards.shapes import shapes_alignment, toy_geneval
 
@@ -44,6 +45,7 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "remote": remote,
     "weighted": weighted,
     "ensemble": ensemble,
+    "proxy": proxy,
     "shapes_alignment": shapes_alignment,
     "toy_geneval": toy_geneval,
 }
