@@ -177,8 +177,9 @@ def export_weights(pipe, use_lora: bool, run_dir: Path, main: bool = True) -> No
 
 
 def evaluation_rewards(config, training_prompts: list[str]) -> tuple[list, list[str]]:
-    """The run's evaluation rewards ``[(label, reward)]`` (built, so that a bad name or missing
-    weights fail before training) and their prompts (``eval.prompts``, else the training ones)."""
+    """The run's evaluation rewards ``[(label, reward)]`` (built in preflight, so that a bad name or
+    missing weights fail before any model loads) and their prompts (``eval.prompts``, else the
+    training ones)."""
     from diffrl import rewards
     from diffrl.prompts import load_prompts
 
@@ -199,10 +200,20 @@ class Run:
     process writes files. Per-epoch outputs go to a worker thread (:meth:`log_epoch`); checkpoints
     and the end of the run wait for it."""
 
-    def __init__(self, config, learner, state, streams: Streams, reward_fn, grid_prompts: list[str]):
+    def __init__(
+        self,
+        config,
+        learner,
+        state,
+        streams: Streams,
+        reward_fn,
+        grid_prompts: list[str],
+        evaluation=((), ()),
+    ):
+        """``evaluation``: :func:`evaluation_rewards` (none for offline runs)."""
         self.config, self.learner, self.state, self.streams = config, learner, state, streams
         self.reward_fn, self.grid_prompts = reward_fn, grid_prompts
-        self.eval_rewards, self.eval_prompts = evaluation_rewards(config, grid_prompts)
+        self.eval_rewards, self.eval_prompts = evaluation
         self.accelerator = accelerator = learner.accelerator
         self.main = accelerator.is_main_process
         self.dir, self.start_epoch = Path(config.run.output_dir) / config.run.name, 0

@@ -26,7 +26,7 @@ from diffrl.monitor import start_monitor, watch
 from diffrl.pipelines import inspect_pipeline
 from diffrl.progress import EpochClock
 from diffrl.prompts import load_prompts
-from diffrl.run import Run, StopSignals, Streams, set_deterministic
+from diffrl.run import Run, StopSignals, Streams, evaluation_rewards, set_deterministic
 
 
 def check_environment(config, device: torch.device) -> None:
@@ -51,8 +51,9 @@ def preflight(config, algorithm, device: torch.device):
     """Every check that needs no model weights, in the order a user would fix them: this machine,
     the run folder (a new run's folder holds no other run; a resume changes only what it may),
     the model (found? the sampler family the algorithm trains? resolution a
-    multiple of its VAE factor?), the prompts, the reward, the algorithm's own state.
-    Returns ``(prompt source, reward function, algorithm state)``."""
+    multiple of its VAE factor?), the prompts, the reward and the evaluation rewards, the
+    algorithm's own state. Returns ``(prompt source, reward function, algorithm state,
+    evaluation)``, evaluation = :func:`~diffrl.run.evaluation_rewards`."""
     check_environment(config, device)
     if config.run.resume_from:
         run_dir, _ = resolve_resume(config.run.resume_from, report=True)
@@ -91,9 +92,15 @@ def preflight(config, algorithm, device: torch.device):
             f"sample.resolution: {side}-pixel images are smaller than the {reward_fn.min_size} pixels "
             f"reward {config.reward.name} needs"
         )
+    if algorithm.offline and config.eval.rewards:
+        raise ConfigError(
+            f"eval.rewards: {config.algorithm} trains offline and samples nothing while it trains; "
+            "score the run afterwards with diffrl eval"
+        )
+    evaluation = evaluation_rewards(config, source.prompts)
     if not algorithm.offline:
         check_memory(config, info, side)
-    return source, reward_fn, algorithm.setup(config)
+    return source, reward_fn, algorithm.setup(config), evaluation
 
 
 def epoch_bytes(config, info, side: int) -> int:
@@ -141,7 +148,7 @@ def train(config):
         project_dir=config.run.output_dir,
     )
     algorithm = algorithms.get(config.algorithm)
-    source, reward_fn, state = preflight(config, algorithm, accelerator.device)
+    source, reward_fn, state, evaluation = preflight(config, algorithm, accelerator.device)
     accelerator.wait_for_everyone()  # every process checked the run folder before the main one writes it
     was_deterministic = set_deterministic(config.run.deterministic)
     try:
@@ -150,18 +157,18 @@ def train(config):
                 from diffrl.offline import train_offline
 
                 return train_offline(config, algorithm, accelerator, reward_fn, state, stop)
-            return train_online(config, algorithm, accelerator, source, reward_fn, state, stop)
+            return train_online(config, algorithm, accelerator, source, reward_fn, state, evaluation, stop)
     finally:
         set_deterministic(was_deterministic)
 
 
-def train_online(config, algorithm, accelerator, source, reward_fn, state, stop: StopSignals):
+def train_online(config, algorithm, accelerator, source, reward_fn, state, evaluation, stop: StopSignals):
     """The epochs of an online algorithm, after :func:`train`'s checks."""
     streams = Streams.seeded(config.run.seed, accelerator.process_index)
     accelerator.print(f"diffrl: loading {config.model.pretrained}", flush=True)
     learner = build_learner(config, accelerator)
     pipe = learner.pipe
-    run = Run(config, learner, state, streams, reward_fn, source.prompts)
+    run = Run(config, learner, state, streams, reward_fn, source.prompts, evaluation)
     ctx = Context(config, accelerator, run.dir, state)
     rank = f", process {accelerator.process_index}" if accelerator.num_processes > 1 else ""
     clock = EpochClock(config.run.num_epochs)
