@@ -126,30 +126,47 @@ def truncate_metrics(path: str | Path, last_epoch: int) -> None:
     atomic_write_bytes(path, "".join(json_line(r) + "\n" for r in kept).encode())
 
 
-def line_chart(values: list[float], title: str, size: tuple[int, int] = (480, 320)) -> Image.Image:
-    """A minimal PIL line chart of ``values`` against their index (x: epoch; null or non-finite
-    values are left out)."""
+CHART_COLOURS = ("blue", "red", "green", "orange", "purple", "brown")
+
+
+def line_chart(
+    values: list[float] | dict[str, list[float]], title: str, size: tuple[int, int] = (480, 320)
+) -> Image.Image:
+    """A minimal PIL line chart against the index (x: epoch): one series ``values``, or several
+    ``{label: values}`` on one scale with a legend in their colours. Null or non-finite values
+    are left out."""
+    series = values if isinstance(values, dict) else {"": values}
+    series = {
+        label: [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in vals]
+        for label, vals in series.items()
+    }
     width, height = size
     margin = 40
     chart = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(chart)
     draw.rectangle([margin, margin // 2, width - 10, height - margin], outline="black")
     draw.text((margin, 4), title, fill="black")
-    values = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
-    if any(v is not None for v in values):
-        low, high = min(v for v in values if v is not None), max(v for v in values if v is not None)
-        span = (high - low) or 1.0
-        x_step = (width - 10 - margin) / max(1, len(values) - 1)
+    known = [v for vals in series.values() for v in vals if v is not None]
+    if not known:
+        return chart
+    low, high = min(known), max(known)
+    span = (high - low) or 1.0
+    length = max(len(vals) for vals in series.values())
+    x_step = (width - 10 - margin) / max(1, length - 1)
+    for k, (label, vals) in enumerate(series.items()):
+        colour = CHART_COLOURS[k % len(CHART_COLOURS)]
         points = [
             (margin + i * x_step, height - margin - (v - low) / span * (height - 1.5 * margin))
-            for i, v in enumerate(values)
+            for i, v in enumerate(vals)
             if v is not None
         ]
         if len(points) > 1:
-            draw.line(points, fill="blue", width=2)
+            draw.line(points, fill=colour, width=2)
         for x, y in points:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill="blue")
-        draw.text((2, margin // 2), f"{high:.3g}", fill="black")
-        draw.text((2, height - margin - 10), f"{low:.3g}", fill="black")
-        draw.text((width // 2, height - margin + 8), f"epoch 0..{len(values) - 1}", fill="black")
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        if label:
+            draw.text((margin + 6, margin // 2 + 4 + 12 * k), label, fill=colour)
+    draw.text((2, margin // 2), f"{high:.3g}", fill="black")
+    draw.text((2, height - margin - 10), f"{low:.3g}", fill="black")
+    draw.text((width // 2, height - margin + 8), f"epoch 0..{length - 1}", fill="black")
     return chart

@@ -281,13 +281,15 @@ class Run:
         captions = [f"{p}\nreward {v:.3f}" for p, v in zip(prompts, values.tolist())]
         self._later(save_png, image_grid(traj.images, captions), self.dir / "samples" / name)
 
-    def evaluate(self, epoch: int) -> dict[str, float]:
-        """``{"eval_<label>": mean}`` of each evaluation reward (section ``eval``) on its fixed prompts
-        and seed with the averaged weights, at epoch 0, every ``eval.every`` epochs and after the last; ``{}``
-        otherwise. Every process calls it and gets the main process's values; the main one samples
-        (under FSDP all take part)."""
+    def evaluate(self, epoch: int, after_training: bool) -> dict[str, float]:
+        """``{"eval_<label>": mean, "evaluation_after_epochs": n}`` of each evaluation reward (section
+        ``eval``) on its fixed prompts and seed with the averaged weights after ``n`` trained
+        epochs: before the training of every ``eval.every``-th epoch (so epoch 0's is the
+        pretrained model's) and after the training of the last; ``{}`` otherwise. Every process
+        calls it and gets the main process's values; the main one samples (under FSDP all take part)."""
         e = self.config.eval
-        due = epoch % e.every == 0 or epoch == self.config.run.num_epochs - 1
+        last = epoch == self.config.run.num_epochs - 1
+        due = last if after_training else epoch % e.every == 0
         if not self.eval_rewards or not due:
             return {}
         values = {}
@@ -310,6 +312,7 @@ class Run:
                 where = f"evaluation reward {label}, epoch {epoch}"
                 scores = torch.cat([score_images(reward, traj, self.config, where) for traj in trajs])
                 values[f"eval_{label}"] = scores[torch.isfinite(scores)].mean().item()
+            values["evaluation_after_epochs"] = epoch + int(after_training)
         if self.accelerator.num_processes > 1:
             values = broadcast_object_list([values])[0]
         return values

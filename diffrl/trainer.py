@@ -176,6 +176,7 @@ def train_online(config, algorithm, accelerator, source, reward_fn, state, evalu
 
     for epoch in run.epochs:
         plan = algorithm.plan(config, epoch)
+        evaluated = run.evaluate(epoch, after_training=False)
 
         # SAMPLING: rollouts on the current policy, rewards overlapped with the next batch
         learner.unet.eval()
@@ -208,7 +209,8 @@ def train_online(config, algorithm, accelerator, source, reward_fn, state, evalu
             "time_reward": rollouts.time_reward,
             "time_training": time.perf_counter() - t0,
         }
-        record.update(run.evaluate(epoch))
+        record.update(evaluated)
+        record.update(run.evaluate(epoch, after_training=True))  # the last epoch's final weights
         flagged = watch(monitor, record, rollouts.traj, accelerator, clock.label(epoch))
         accelerator.print(
             f"{clock.label(epoch)}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, "

@@ -101,8 +101,9 @@ def test_an_evaluation_reward_falling_flags_while_the_reward_rises():
 
 
 def test_a_run_reports_evaluation_rewards_on_fixed_prompts_and_seeds(tmp_path):
-    """``eval.rewards`` at epoch 0, every ``eval.every`` epochs and the last: the same images as
-    sampling the fixed prompts from the fixed seed with the weights of that epoch, scored by hand."""
+    """``eval.rewards`` before the training of epoch 0 (the pretrained model), of every
+    ``eval.every``-th epoch and after the last: the same images as sampling the fixed prompts from
+    the fixed seed with those weights, scored by hand."""
     from diffrl import rewards
     from diffrl.evaluation import load_for_eval
     from diffrl.files import read_jsonl
@@ -117,15 +118,23 @@ def test_a_run_reports_evaluation_rewards_on_fixed_prompts_and_seeds(tmp_path):
     assert [sorted(k for k in r if k.startswith("eval_")) for r in records] == [
         ["eval_jpeg", "eval_shapes_alignment"], [], ["eval_jpeg", "eval_shapes_alignment"]
     ]  # fmt: skip
+    assert [r.get("evaluation_after_epochs") for r in records] == [0, None, 3]
+    from diffrl.pipelines import load_pipeline
     from diffrl.prompts import load_prompts
 
     prompts = load_prompts("toy_heldout_single").prompts[:6]
-    pipe, _ = load_for_eval(str(tmp_path / "ev"))  # the last epoch's exported weights
-    traj = sample_trajectories(
-        pipe, prompts, SamplerSettings(num_steps=4, guidance_scale=5.0, eta=0.0), generator=torch.Generator().manual_seed(0)
-    )  # fmt: skip
-    want = rewards.get("shapes_alignment")(traj.images, prompts).mean().item()
-    assert records[-1]["eval_shapes_alignment"] == pytest.approx(want, abs=1e-4)
+    settings = SamplerSettings(num_steps=4, guidance_scale=5.0, eta=0.0)
+    for record, pipe in (
+        (records[0], load_pipeline("tiny")),
+        (records[-1], load_for_eval(str(tmp_path / "ev"))[0]),
+    ):
+        traj = sample_trajectories(pipe, prompts, settings, generator=torch.Generator().manual_seed(0))
+        for key, name in (
+            ("eval_shapes_alignment", "shapes_alignment"),
+            ("eval_jpeg", "jpeg_compressibility"),
+        ):
+            want = rewards.get(name)(traj.images, prompts).mean().item()
+            assert record[key] == pytest.approx(want, abs=1e-4)  # JPEG sizes move with any weight change
 
 
 def test_bad_evaluation_rewards_are_refused_before_any_model_loads(tmp_path, monkeypatch):

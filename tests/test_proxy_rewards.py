@@ -62,3 +62,45 @@ def test_proxies_fitted_on_noisy_labels_track_the_verifier_and_round_trip(tmp_pa
     torch.testing.assert_close(wco, scores.min(0).values, rtol=1e-5, atol=1e-6)
     with pytest.raises(RewardError, match="member 2 of .* holds 2"):
         rewards.get("proxy", weights=str(path), member=2)
+
+
+def test_overoptimisation_summary_and_chart_from_synthetic_curves(tmp_path):
+    """The experiment's table: start/end means ± standard deviations over seeds and the verifier's
+    change, by hand; its chart draws each arm in its own colour."""
+    from PIL import Image
+
+    from diffrl.files import CHART_COLOURS
+    from scripts.overoptimisation import markdown, plot, summarize
+
+    runs = {
+        "single proxy": [
+            {"epochs": [0, 5, 10], "verifier": [0.9, 0.6, 0.2], "proxy": [0.9, 1.1, 1.3], "first_flag": 4},
+            {"epochs": [0, 5, 10], "verifier": [0.9, 0.7, 0.4], "proxy": [0.9, 1.0, 1.1], "first_flag": None},
+        ],
+        "WCO ensemble": [
+            {
+                "epochs": [0, 5, 10],
+                "verifier": [0.9, 0.9, 0.8],
+                "proxy": [0.9, 0.95, 1.0],
+                "first_flag": None,
+            },
+            {"epochs": [0, 5, 10], "verifier": [0.9, 0.9, 0.9], "proxy": [0.9, 0.9, 0.9], "first_flag": None},
+        ],
+    }
+    single, wco = summarize(runs)
+    assert single["verifier_end"][0] == pytest.approx(0.3) and single["verifier_end"][1] == pytest.approx(
+        2**0.5 * 0.1
+    )
+    assert single["proxy_end"][0] == pytest.approx(1.2) and single["first_flags"] == [4, None]
+    assert wco["verifier_change"][0] == pytest.approx(-0.05)
+    table = markdown([single, wco], seeds=2, epochs=11)
+    assert (
+        "| single proxy | 0.900 ± 0.000 → 1.200 ± 0.141 | 0.900 ± 0.000 → 0.300 ± 0.141 | -0.600 ± 0.141 | 4, — |"
+        in table
+    )
+    plot(runs, tmp_path / "p.png")
+    pixels = set(Image.open(tmp_path / "p.png").convert("RGB").getdata())
+    for colour in CHART_COLOURS[:2]:
+        from PIL import ImageColor
+
+        assert ImageColor.getrgb(colour) in pixels

@@ -120,6 +120,11 @@ def test_offline_missing_weights_say_which_file():
             "PickScore processor 'no-such-org/clip-processor'",
         ),
         ("hpsv2", {"weights": "no-such-org/hps"}, "HPS_v2.1_compressed.pt.*local path"),
+        (
+            "imagereward",
+            {"tokenizer": "no-such-org/bert"},
+            "'vocab.txt' from the hub repo 'no-such-org/bert'",
+        ),
         ("geneval", {"suite": None}, "needs suite="),
     ],
 )
@@ -413,3 +418,116 @@ def test_the_geneval_reward_applies_genevals_rule_to_the_detections(tmp_path):
         reward(torch.zeros(1, 3, 8, 8), ["a photo of a dog"], [{}])
     with pytest.raises(RewardError, match="needs suite="):
         rewards.get("geneval", detect=detect)
+
+
+def _blip_vit_forward(state: dict, pixels: torch.Tensor, heads: int, patch: int) -> torch.Tensor:
+    """BLIP's ViT (a pre-norm ViT, Dosovitskiy et al. 2021 Eq. 1-4; LayerNorm eps 1e-6) written
+    out on a state dict in BLIP's own names: ``[B, 3, S, S] -> [B, 1 + patches, D]``."""
+    x = F.conv2d(pixels, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=patch)
+    x = x.flatten(2).transpose(1, 2)
+    batch, dim = x.shape[0], x.shape[-1]
+    x = torch.cat([state["cls_token"].expand(batch, -1, -1), x], dim=1) + state["pos_embed"]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    for i in range(depth):
+        w = {k[len(f"blocks.{i}.") :]: v for k, v in state.items() if k.startswith(f"blocks.{i}.")}
+        h = F.layer_norm(x, (dim,), w["norm1.weight"], w["norm1.bias"], eps=1e-6)
+        q, k, v = (
+            F.linear(h, w["attn.qkv.weight"], w["attn.qkv.bias"])
+            .reshape(batch, -1, 3, heads, dim // heads)
+            .permute(2, 0, 3, 1, 4)
+        )
+        attention = torch.softmax(q @ k.transpose(-1, -2) * (dim // heads) ** -0.5, dim=-1)
+        x = x + F.linear(
+            (attention @ v).transpose(1, 2).reshape(batch, -1, dim),
+            w["attn.proj.weight"],
+            w["attn.proj.bias"],
+        )
+        h = F.layer_norm(x, (dim,), w["norm2.weight"], w["norm2.bias"], eps=1e-6)
+        x = x + F.linear(
+            F.gelu(F.linear(h, w["mlp.fc1.weight"], w["mlp.fc1.bias"])),
+            w["mlp.fc2.weight"],
+            w["mlp.fc2.bias"],
+        )
+    return F.layer_norm(x, (dim,), state["norm.weight"], state["norm.bias"], eps=1e-6)
+
+
+def test_imagereward_converts_blips_checkpoint_and_scores_as_the_authors(tmp_path):
+    """A random checkpoint in BLIP's layout (ViT in BLIP's names, BERT, the MLP head, and modules
+    the score does not use) loads strictly; the score is (MLP(BERT_[CLS](c | ViT(x))) − μ) / σ with
+    the ViT written out by hand, and the image goes through the authors' torchvision transform."""
+    from torchvision import transforms
+    from transformers import BertTokenizer, BlipTextModel
+
+    from diffrl.rewards.clip import resize_crop_normalize
+    from diffrl.rewards.imagereward import (
+        CLIP_MEAN,
+        CLIP_STD,
+        MEAN,
+        STD,
+        blip_configs,
+        convert_checkpoint,
+        load_image_reward,
+    )
+
+    words = "a red circle to the left of green square photo dog".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+    med = dict(vocab_size=len(tokenizer) + 2, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=2, max_position_embeddings=40, layer_norm_eps=1e-12)  # fmt: skip
+    (tmp_path / "med_config.json").write_text(json.dumps(med))
+    size, patch, width, heads = 32, 8, 128, 2  # BLIP's ViTs have 64-dimensional heads
+    torch.manual_seed(0)
+    vit = {"cls_token": torch.randn(1, 1, width), "pos_embed": torch.randn(1, 17, width) * 0.1,
+           "patch_embed.proj.weight": torch.randn(width, 3, patch, patch) * 0.1,
+           "patch_embed.proj.bias": torch.randn(width) * 0.1,
+           "norm.weight": 1 + 0.1 * torch.randn(width), "norm.bias": 0.1 * torch.randn(width)}  # fmt: skip
+    for i in range(2):
+        for name, shape in [("norm1", (width,)), ("norm2", (width,)), ("attn.qkv", (3 * width, width)),
+                            ("attn.proj", (width, width)), ("mlp.fc1", (2 * width, width)), ("mlp.fc2", (width, 2 * width))]:  # fmt: skip
+            vit[f"blocks.{i}.{name}.weight"] = torch.randn(shape) * (0.3 if len(shape) == 2 else 0.1) + (
+                len(shape) == 1
+            )
+            vit[f"blocks.{i}.{name}.bias"] = torch.randn(shape[0]) * 0.1
+    _, text_config = blip_configs(
+        med, convert_checkpoint({f"blip.visual_encoder.{k}": v for k, v in vit.items()})["vision"]
+    )
+    text = BlipTextModel(text_config, add_pooling_layer=False).eval()
+    mlp = AestheticMLP(16).eval()
+    for module in (text, mlp):  # weights large enough that the score depends on its inputs
+        for p in module.parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=1.5 / p.shape[1] ** 0.5)
+    checkpoint = {f"blip.visual_encoder.{k}": v for k, v in vit.items()}
+    checkpoint |= {f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()}
+    checkpoint |= {f"mlp.{k}": v for k, v in mlp.state_dict().items()}
+    checkpoint |= {"blip.text_encoder.embeddings.position_ids": torch.arange(40)[None],
+                   "blip.vision_proj.weight": torch.randn(8, width)}  # fmt: skip
+    torch.save(checkpoint, tmp_path / "ImageReward.pt")
+
+    reward = rewards.get("imagereward", weights=str(tmp_path), bert_tokenizer=tokenizer, device="cpu")
+
+    reference = transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD),
+    ])  # fmt: skip
+    smooth = _smooth_images((48, 41))  # short side to 32: a 7-pixel crop margin, rounded as torchvision does
+    ours = resize_crop_normalize(smooth, size, size, CLIP_MEAN, CLIP_STD)
+    assert (ours - torch.stack([reference(p) for p in _pil(smooth)])).abs().mean() < 0.03
+
+    images = _grid_images(2, size)  # at the model's side the transform is exact: the score formula to 1e-4
+    prompts = ["a red circle", "a photo of a dog to the left of a green square"]
+    pixels = torch.stack([reference(p) for p in _pil(images)])
+    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert ids.input_ids.shape == (2, 35)
+    with torch.no_grad():
+        tokens = _blip_vit_forward(vit, pixels, heads, patch)
+        cls = text(input_ids=ids.input_ids, attention_mask=ids.attention_mask, encoder_hidden_states=tokens,
+                   encoder_attention_mask=torch.ones(tokens.shape[:2], dtype=torch.long)).last_hidden_state[:, 0]  # fmt: skip
+        expected = (mlp(cls).squeeze(-1) - MEAN) / STD
+    assert expected.std() > 0.05  # the two prompts and images must be told apart
+    torch.testing.assert_close(reward(images, prompts, [{}] * 2), expected, rtol=0, atol=1e-4)
+
+    del checkpoint["blip.visual_encoder.norm.bias"]
+    torch.save(checkpoint, tmp_path / "ImageReward.pt")
+    with pytest.raises(ValueError, match="vision encoder does not match.*post_layernorm.bias"):
+        load_image_reward(str(tmp_path), "ImageReward.pt", "med_config.json")

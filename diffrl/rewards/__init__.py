@@ -24,6 +24,7 @@ from diffrl.rewards.clip import aesthetic, clip_score
 from diffrl.rewards.combined import ensemble, weighted
 from diffrl.rewards.geneval_detector import geneval_reward
 from diffrl.rewards.hps import hpsv2
+from diffrl.rewards.imagereward import image_reward
 from diffrl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
 from diffrl.rewards.ocr import ocr
 from diffrl.rewards.pickscore import pickscore
@@ -40,6 +41,7 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "clip_score": clip_score,
     "pickscore": pickscore,
     "hpsv2": hpsv2,
+    "imagereward": image_reward,
     "ocr": ocr,
     "geneval": geneval_reward,
     "remote": remote,
