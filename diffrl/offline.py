@@ -36,12 +36,13 @@ def steps_per_epoch(num_items: int, config, section: str | None, num_processes: 
     return steps
 
 
-def train_offline(config, algorithm, accelerator, reward_fn, data: list, stop: StopSignals):
-    """The epochs of an offline algorithm over ``data`` (what its ``setup`` returned); returns the
-    pipeline with the trained weights."""
+def train_offline(config, algorithm, accelerator, reward_fn, data: list, evaluation, stop: StopSignals):
+    """The epochs of an offline algorithm over ``data`` (what its ``setup`` returned), with the
+    evaluation rewards (:func:`~diffrl.run.evaluation_rewards`) sampled as online runs do; returns
+    the pipeline with the trained weights."""
     streams = Streams.seeded(config.run.seed, accelerator.process_index)
     learner = build_learner(config, accelerator)
-    run = Run(config, learner, None, streams, reward_fn, [item.prompt for item in data[:16]])
+    run = Run(config, learner, None, streams, reward_fn, [item.prompt for item in data[:16]], evaluation)
     ctx = Context(config, accelerator, run.dir, data)
     t = config.train
     per_step = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
@@ -49,6 +50,7 @@ def train_offline(config, algorithm, accelerator, reward_fn, data: list, stop: S
     accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps
     clock = EpochClock(config.run.num_epochs)
     for epoch in run.epochs:
+        evaluated = run.evaluate(epoch, after_training=False)
         t0, totals, terms, skipped = time.perf_counter(), {}, 0, learner.guard.skipped
         order = torch.randperm(len(data), generator=streams.shuffle)[:count]
         local = order[accelerator.process_index :: accelerator.num_processes]
@@ -68,6 +70,8 @@ def train_offline(config, algorithm, accelerator, reward_fn, data: list, stop: S
             "skipped_steps": learner.guard.skipped - skipped,
             "learning_rate": learner.optimizer.param_groups[0]["lr"],
             "time_training": time.perf_counter() - t0,
+            **evaluated,
+            **run.evaluate(epoch, after_training=True),
         }
         stats = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in totals)
         accelerator.print(

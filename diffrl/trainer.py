@@ -92,11 +92,6 @@ def preflight(config, algorithm, device: torch.device):
             f"sample.resolution: {side}-pixel images are smaller than the {reward_fn.min_size} pixels "
             f"reward {config.reward.name} needs"
         )
-    if algorithm.offline and config.eval.rewards:
-        raise ConfigError(
-            f"eval.rewards: {config.algorithm} trains offline and samples nothing while it trains; "
-            "score the run afterwards with diffrl eval"
-        )
     evaluation = evaluation_rewards(config, source.prompts)
     if not algorithm.offline:
         check_memory(config, info, side)
@@ -156,7 +151,7 @@ def train(config):
             if algorithm.offline:
                 from diffrl.offline import train_offline
 
-                return train_offline(config, algorithm, accelerator, reward_fn, state, stop)
+                return train_offline(config, algorithm, accelerator, reward_fn, state, evaluation, stop)
             return train_online(config, algorithm, accelerator, source, reward_fn, state, evaluation, stop)
     finally:
         set_deterministic(was_deterministic)

@@ -182,12 +182,13 @@ def main() -> None:
     parser.add_argument("--proxy", help="an existing proxy ensemble file (default: fit one into OUT)")
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=120)
-    parser.add_argument("--kl", type=float, default=0.1, help="train.kl_beta of the KL arm")
-    parser.add_argument("--uwo-lambda", type=float, default=1.0)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--kl", type=float, default=0.3, help="train.kl_beta of the KL arm")
+    parser.add_argument("--uwo-lambda", type=float, default=5.0)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
-    parser.add_argument("overrides", nargs="*", help="further config overrides, key=value")
+    parser.add_argument("--set", nargs="+", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="further config overrides of every run")  # fmt: skip
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     weights = ensure_proxy(args)

@@ -20,6 +20,18 @@ def test_every_config_loads_and_names_its_command(path):
     )
 
 
+REAL_MODEL_CONFIGS = [p for p in CONFIGS if not load_config(p).model.pretrained.startswith("tiny")]
+
+
+@pytest.mark.parametrize("path", REAL_MODEL_CONFIGS, ids=lambda p: str(p.relative_to(p.parent.parent)))
+def test_every_real_model_config_reports_a_reward_it_does_not_optimise(path):
+    """SD, SD3.5, FLUX and LCM configs (not the embedded toy models') name an evaluation reward
+    other than their training reward (issue #24)."""
+    config = load_config(path)
+    names = {spec["name"] for spec in config.eval.rewards}
+    assert names - {config.reward.name}, f"{path}: eval.rewards names no reward besides {config.reward.name}"
+
+
 def test_overrides_are_typed_yaml():
     config = load_config(
         None,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffrl import load_pipeline
+from diffrl import load_pipeline, rewards
 from diffrl.algorithms.dpo import checkpoint_weights, dpo_inside, dpo_loss, noised_pair, swapped_in
 from diffrl.algorithms.seppo import choose_reference, seppo_inside, seppo_signs
 from diffrl.cli import resolve_train_config
@@ -20,8 +20,10 @@ from diffrl.files import read_jsonl
 from diffrl.learner import prepare_denoiser
 from diffrl.preferences import load_preferences, pickapic_rows
 from diffrl.prompts import load_prompts
+from diffrl.rollout import sample_trajectories
 from diffrl.testing import tiny_sd_pipeline
 from diffrl.trainer import train
+from diffrl.types import SamplerSettings
 from scripts.build_tiny_preferences import write_toy_preferences
 from tests.alignment import SETTINGS, assert_raised, train_and_compare
 
@@ -157,6 +159,11 @@ def test_with_the_policy_equal_to_its_reference_every_term_is_log2(tmp_path, toy
             f"run.output_dir={tmp_path}",
             "dpo.reference_strategy=latest",
             f"dpo.steps_per_epoch={1 if algorithm == 'seppo' else 'null'}",
+            "eval.rewards=[{name: jpeg_compressibility, label: jpeg}]",
+            "eval.prompts=toy_heldout_single",
+            "eval.num_images=4",
+            "eval.num_steps=4",
+            "eval.eta=0",
         ],
         None,
     )
@@ -166,6 +173,15 @@ def test_with_the_policy_equal_to_its_reference_every_term_is_log2(tmp_path, toy
     assert len(records) == 2 and records[0]["num_pairs"] == (4 if algorithm == "seppo" else pairs // 4 * 4)
     for record in records:
         assert record["loss"] == pytest.approx(math.log(2), abs=1e-5) and record["accuracy"] == 0
+    # offline runs report evaluation rewards too: here of unchanged weights, the pretrained model's
+    prompts = load_prompts("toy_heldout_single").prompts[:4]
+    settings = SamplerSettings(num_steps=4, guidance_scale=config.sample.guidance_scale, eta=0.0)
+    traj = sample_trajectories(
+        load_pipeline("tiny"), prompts, settings, generator=torch.Generator().manual_seed(0)
+    )
+    want = rewards.get("jpeg_compressibility")(traj.images, prompts).mean().item()
+    assert [r.get("evaluation_after_epochs") for r in records] == [0, 2]
+    assert [r["eval_jpeg"] for r in records] == pytest.approx([want, want], abs=1e-3)
     if algorithm == "seppo":  # epoch 1 drew its reference from epoch 0's checkpoint
         assert (tmp_path / config.run.name / "checkpoints" / "epoch_0000").is_dir()
         assert 0 <= records[1]["flipped"] <= 1

@@ -140,7 +140,7 @@ def test_a_run_reports_evaluation_rewards_on_fixed_prompts_and_seeds(tmp_path):
 def test_bad_evaluation_rewards_are_refused_before_any_model_loads(tmp_path, monkeypatch):
     from diffrl import trainer
     from diffrl.cli import resolve_train_config
-    from diffrl.errors import ConfigError, RewardError
+    from diffrl.errors import RewardError
     from tests.test_trainer import TINY
 
     def no_model(*args, **kwargs):
@@ -150,11 +150,3 @@ def test_bad_evaluation_rewards_are_refused_before_any_model_loads(tmp_path, mon
     bad = ["eval.rewards=[{name: no_such_reward}]", f"run.output_dir={tmp_path}"]
     with pytest.raises(RewardError, match="unknown reward 'no_such_reward'"):
         trainer.train(resolve_train_config(TINY, bad, None))
-    offline = [
-        "algorithm=dpo",
-        "dpo.data=hf:x",
-        "eval.rewards=[{name: jpeg_compressibility}]",
-        f"run.output_dir={tmp_path}",
-    ]
-    with pytest.raises(ConfigError, match="eval.rewards: dpo trains offline"):
-        trainer.train(resolve_train_config(TINY, offline, None))

@@ -104,3 +104,40 @@ def test_overoptimisation_summary_and_chart_from_synthetic_curves(tmp_path):
         from PIL import ImageColor
 
         assert ImageColor.getrgb(colour) in pixels
+
+
+@pytest.mark.slow
+def test_a_single_proxy_is_over_optimised_while_a_wco_ensemble_keeps_the_verifier(tmp_path):
+    """The toy over-optimisation experiment, small (``scripts/overoptimisation.py``, one seed, two
+    arms, a 2-member proxy from 256 noisy labels): against the single proxy GRPO raises the proxy
+    and lowers the exact verifier, and the monitor flags it; against the ensemble's worst case the
+    verifier ends higher."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proxy = tmp_path / "proxy.safetensors"
+    fit = ["--num-images", "256", "--heldout", "64", "--members", "2", "--fit-steps", "400"]
+    subprocess.run(
+        [sys.executable, root / "scripts/train_proxy_rewards.py", "--out", proxy, *fit], check=True
+    )
+    arms = ["--arms", "single proxy", "WCO ensemble", "--seeds", "1", "--epochs", "30", "--members", "2"]
+    small = ["--set", "sample.batch_size=16", "eval.num_images=32"]
+    command = [
+        sys.executable,
+        root / "scripts/overoptimisation.py",
+        "--out",
+        tmp_path,
+        "--proxy",
+        proxy,
+        *arms,
+        *small,
+    ]
+    subprocess.run(command, check=True)
+    single, wco = json.loads((tmp_path / "overopt.json").read_text())["summary"]
+    assert single["proxy_end"][0] > single["proxy_start"][0]  # the proxy is optimised ...
+    assert single["verifier_end"][0] < single["verifier_start"][0] - 0.1  # ... and the verifier falls
+    assert single["first_flags"][0] is not None
+    assert wco["verifier_end"][0] > single["verifier_end"][0]
