@@ -13,8 +13,8 @@ The monitor's baseline is the mean of the first ``monitor.baseline_epochs`` epoc
 flagged when the reward, averaged over the last ``monitor.window`` epochs, is more than
 ``monitor.reward_rise`` baseline standard deviations above the baseline reward while some
 statistic, averaged the same way, is more than ``monitor.tolerance`` from its baseline, or an
-evaluation reward the run does not optimise (``eval_<label>``, section ``eval``) fell by more than
-that fraction of its first value.
+evaluation reward the run does not optimise (``eval_<label>``, section ``eval``; its latest value
+until the next evaluation) fell by more than that fraction of its first value.
 """
 
 from __future__ import annotations
@@ -92,10 +92,11 @@ class HackingMonitor:
                 before, now = self._mean(base, key), self._mean(recent, key)
                 if abs(now - before) > self.tolerance:
                     reasons.append(f"{name} {before:.3f} -> {now:.3f}")
-        for key in (k for k in record if k.startswith("eval_")):
-            first = next(r[key] for r in self.history if key in r)
-            if first - record[key] > self.tolerance * max(abs(first), 1e-8):
-                reasons.append(f"{key} {first:.4g} -> {record[key]:.4g}")
+        for key in sorted({k for r in self.history for k in r if k.startswith("eval_")}):
+            values = [r[key] for r in self.history if key in r]  # the latest one holds until the next
+            first, now = values[0], values[-1]
+            if first - now > self.tolerance * max(abs(first), 1e-8):
+                reasons.append(f"{key} {first:.4g} -> {now:.4g}")
         if reasons:
             reasons.insert(0, f"reward +{rise:.2f} baseline std")
         return reasons

@@ -92,12 +92,12 @@ def test_a_run_logs_the_statistics_and_stops_at_the_flagged_epoch(tmp_path, monk
 
 
 def test_an_evaluation_reward_falling_flags_while_the_reward_rises():
-    records = _stream([0.5, 0.5, 0.5, 0.6, 0.7, 0.8], [0.3] * 6)  # statistics stable
+    records = _stream([0.5, 0.5, 0.5, 0.6, 0.7, 0.8, 0.9], [0.3] * 7)  # statistics stable
     records[0]["eval_clip"], records[3]["eval_clip"], records[5]["eval_clip"] = 30.0, 28.0, 26.0
     monitor = HackingMonitor(3, 2, 0.5, 0.1)
     reasons = [monitor.update(r) for r in records]
-    assert [bool(r) for r in reasons] == [False] * 5 + [True]  # 28 is within 10% of 30; 26 is not
-    assert reasons[-1][1] == "eval_clip 30 -> 26"
+    assert [bool(r) for r in reasons] == [False] * 5 + [True] * 2  # 28 is within 10% of 30; 26 is not
+    assert reasons[5][1] == reasons[6][1] == "eval_clip 30 -> 26"  # the latest evaluation holds
 
 
 def test_a_run_reports_evaluation_rewards_on_fixed_prompts_and_seeds(tmp_path):
