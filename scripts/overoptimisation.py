@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--proxy", help="an existing proxy ensemble file (default: fit one into OUT)")
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--kl", type=float, default=0.3, help="train.kl_beta of the KL arm")
     parser.add_argument("--uwo-lambda", type=float, default=5.0)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)

@@ -107,11 +107,11 @@ def test_overoptimisation_summary_and_chart_from_synthetic_curves(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_single_proxy_is_over_optimised_while_a_wco_ensemble_keeps_the_verifier(tmp_path):
-    """The toy over-optimisation experiment, small (``scripts/overoptimisation.py``, one seed, two
-    arms, a 2-member proxy from 256 noisy labels): against the single proxy GRPO raises the proxy
-    and lowers the exact verifier, and the monitor flags it; against the ensemble's worst case the
-    verifier ends higher."""
+def test_a_single_proxy_is_over_optimised_while_kl_keeps_the_verifier(tmp_path):
+    """The toy over-optimisation experiment, small (``scripts/overoptimisation.py``: one seed, the
+    single-proxy and KL arms, 25 epochs; the proxy is the experiment's member 0, fitted on the same
+    512 noisy labels): against the proxy GRPO raises it and lowers the exact verifier, and the
+    monitor flags the run; with the KL penalty the verifier ends clearly higher."""
     import json
     import subprocess
     import sys
@@ -119,12 +119,11 @@ def test_a_single_proxy_is_over_optimised_while_a_wco_ensemble_keeps_the_verifie
 
     root = Path(__file__).resolve().parent.parent
     proxy = tmp_path / "proxy.safetensors"
-    fit = ["--num-images", "256", "--heldout", "64", "--members", "2", "--fit-steps", "400"]
     subprocess.run(
-        [sys.executable, root / "scripts/train_proxy_rewards.py", "--out", proxy, *fit], check=True
+        [sys.executable, root / "scripts/train_proxy_rewards.py", "--out", proxy, "--members", "1"],
+        check=True,
     )
-    arms = ["--arms", "single proxy", "WCO ensemble", "--seeds", "1", "--epochs", "30", "--members", "2"]
-    small = ["--set", "sample.batch_size=16", "eval.num_images=32"]
+    arms = ["--arms", "single proxy", "single proxy + KL", "--seeds", "1", "--epochs", "25", "--members", "1"]
     command = [
         sys.executable,
         root / "scripts/overoptimisation.py",
@@ -133,11 +132,10 @@ def test_a_single_proxy_is_over_optimised_while_a_wco_ensemble_keeps_the_verifie
         "--proxy",
         proxy,
         *arms,
-        *small,
     ]
-    subprocess.run(command, check=True)
-    single, wco = json.loads((tmp_path / "overopt.json").read_text())["summary"]
+    subprocess.run([*command, "--set", "eval.every=8", "eval.num_images=32"], check=True)
+    single, kl = json.loads((tmp_path / "overopt.json").read_text())["summary"]
     assert single["proxy_end"][0] > single["proxy_start"][0]  # the proxy is optimised ...
-    assert single["verifier_end"][0] < single["verifier_start"][0] - 0.1  # ... and the verifier falls
+    assert single["verifier_end"][0] < single["verifier_start"][0] - 0.15  # ... and the verifier falls
     assert single["first_flags"][0] is not None
-    assert wco["verifier_end"][0] > single["verifier_end"][0]
+    assert kl["verifier_end"][0] > single["verifier_end"][0] + 0.15
