@@ -46,6 +46,7 @@ def sample_batch(
         branch_step=plan.branch_step,
         num_branches=plan.num_branches,
         generator=generator,
+        window=plan.window,
     )
 
 
@@ -115,6 +116,8 @@ def sample_epoch(
                 if grouped is None
                 else grouped[b * s.batch_size : (b + 1) * s.batch_size]
             )
+            if plan.num_branches > 1 and plan.group_size == plan.num_branches:
+                prompts = prompts[:: plan.num_branches]  # one trunk per group, its K branches the group
             with accelerator.autocast(), lora_merged(denoiser(pipe), merge):
                 traj = sample_batch(pipe, config, prompts, streams.sampling, plan)
             trajectories.append(traj)

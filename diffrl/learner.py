@@ -328,7 +328,7 @@ class Learner:
     def train_epoch(self, loss_fn, batch: Batch, traj: Trajectory, streams, epoch: int, label: str) -> dict:
         """The update of one epoch: ``num_inner_epochs`` passes over the items with ``batch.trained``
         True, shuffled, in minibatches of ``train.batch_size``; each item's steps
-        ``batch.first_step..T-1`` in its own random order (``timestep_fraction`` of them, chosen by
+        ``batch.first_step..batch.stop_step-1`` (to T-1 by default) in its own random order (``timestep_fraction`` of them, chosen by
         :meth:`step_order`), k =
         ``timesteps_per_pass`` of them per forward/backward pass. Each pass is one
         :class:`~diffrl.algorithms.Term` for ``loss_fn(term, batch, config) -> (loss, stats)``,
@@ -341,7 +341,7 @@ class Learner:
             batch.trained, t.batch_size * t.gradient_accumulation_steps, accelerator
         )
         num_steps, k = traj.num_steps, batch.members.shape[1]
-        span = num_steps - batch.first_step
+        span = (batch.stop_step or num_steps) - batch.first_step
         num_train_steps = int(span * t.timestep_fraction)
         transition_for(self.pipe, sampler_settings(self.config)).schedule(
             self.config.sample.num_steps, traj.latents[:1, 0]

@@ -196,6 +196,7 @@ def train_online(config, algorithm, accelerator, source, reward_fn, state, evalu
             "num_dropped": batch.rewards.numel() - kept.numel(),
             "num_trained": int(accelerator.reduce(batch.trained.sum().to(accelerator.device), "sum")),
             "branch_step": plan.branch_step,
+            **({"window_start": plan.window[0]} if plan.window else {}),
             **batch.metrics,
             **metadata_means(rollouts.metadata, torch.isfinite(rollouts.rewards), accelerator),
             **process_mean(stats, accelerator),

@@ -50,13 +50,18 @@ class Plan:
     """What one epoch samples. Chains run their first ``branch_step`` steps once and continue in
     ``num_branches`` branches from there (:func:`diffrl.rollout.sample_branches`); training covers
     steps ``branch_step..T-1``. ``group_size`` > 1 draws each prompt once for that many
-    consecutive chains (independent noise; GRPO's groups). ``checkpoint`` asks for a checkpoint
-    after the epoch whatever ``run.save_freq`` says (a run that waits for labels resumes from it)."""
+    consecutive chains (independent noise; GRPO's groups); with ``num_branches`` = ``group_size``
+    a group is one trunk's branches instead (a batch then samples ``batch_size / K`` trunks).
+    ``window`` = (start, stop) samples only actions start..stop−1 stochastically and the others with
+    the deterministic solver (an SDE window, :func:`diffrl.rollout.step_transitions`).
+    ``checkpoint`` asks for a checkpoint after the epoch whatever ``run.save_freq`` says (a run
+    that waits for labels resumes from it)."""
 
     branch_step: int = 0
     num_branches: int = 1
     checkpoint: bool = False
     group_size: int = 1
+    window: tuple[int, int] | None = None
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Batch:
         members: ``[M, k]`` long, sample indices of each item.
         trained: ``[M]`` bool, the items that are trained (others were dropped, not selected, ties).
         first_step: the first trained step of every chain (B²-DiffuRL's branch point).
+        stop_step: one past the last trained step (None: the chain's end; an SDE window's end).
         values: tensors the loss reads (``advantages [N]``, ``h [M, 2]``...).
         rewards: ``[P·N]`` every process's rewards (NaN: dropped), for the epoch's metrics.
         metrics: more numbers for the epoch's record (already summed or averaged over processes).
@@ -106,6 +112,7 @@ class Batch:
     trained: torch.Tensor
     rewards: torch.Tensor
     first_step: int = 0
+    stop_step: int | None = None
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -257,15 +264,20 @@ def gather(ctx: Context, rollouts: Rollouts, epoch: int) -> Gathered:
 
 
 def per_sample(
-    advantages: torch.Tensor, trained: torch.Tensor, gathered: Gathered, first_step: int = 0
+    advantages: torch.Tensor,
+    trained: torch.Tensor,
+    gathered: Gathered,
+    first_step: int = 0,
+    stop_step: int | None = None,
 ) -> Batch:
     """A :class:`Batch` of single samples (PPO-style methods) from gathered ``advantages [P·N]``
-    and ``trained [P·N]``: this process's slice."""
+    and ``trained [P·N]``: this process's slice, trained on steps ``first_step..stop_step−1``."""
     local = gathered.local(trained)
     return Batch(
         members=torch.arange(local.shape[0])[:, None],
         trained=local,
         rewards=gathered.rewards,
         first_step=first_step,
+        stop_step=stop_step,
         values={"advantages": gathered.local(advantages)},
     )

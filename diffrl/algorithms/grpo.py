@@ -28,7 +28,8 @@ It trains the DDIM sampler, a latent consistency model's (RLCM's policy) and a f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -38,13 +39,46 @@ from diffrl.algorithms.ddpo import validate as validate_batches
 from diffrl.errors import require
 
 SECTION = "grpo"
-__all__ = ["DEFAULTS", "MODEL", "SECTION", "Config", "loss", "plan", "prepare", "validate"]
+__all__ = ["DEFAULTS", "MODEL", "SECTION", "Config", "loss", "plan", "prepare", "validate", "window"]
 
 DEFAULTS: dict[str, dict] = {"train": {"kl_beta": 0.04}}
 """GRPO's KL penalty is on unless a config says otherwise (Flow-GRPO's GenEval β)."""
 MODEL = ("ddim", "lcm", "flow")
 """GRPO trains the DDIM sampler, a latent consistency model's (:mod:`diffrl.policies.lcm`) and a
 flow model's SDE or CPS step (:mod:`diffrl.policies.flow`: SD3, FLUX)."""
+
+
+@dataclass
+class SDEWindowConfig:
+    """Flow-GRPO-Fast's and MixGRPO's SDE window: the sampler's stochastic step on W consecutive
+    actions only, the deterministic solver (eta = 0) on the others, and only the window trained."""
+
+    size: int = 0
+    """W, the window's actions (0: no window, every action stochastic and trainable)."""
+    placement: Literal["fixed", "random", "sliding"] = "fixed"
+    """``fixed`` at ``start``; ``random``: the start uniform on {r0, …, r1 − W} each epoch
+    (Flow-GRPO-Fast, ``range``); ``sliding``: ``start`` + ``stride`` every ``period`` epochs,
+    back to 0 past the last action (MixGRPO)."""
+    start: int = 0
+    """The first window action (fixed), or where the sliding window begins."""
+    range: list[int] | None = None
+    """[r0, r1] of a random start (default [0, T // 2], Flow-GRPO-Fast's)."""
+    stride: int = 1
+    """Actions a sliding window moves each ``period`` (MixGRPO: 1)."""
+    period: int = 25
+    """Epochs between a sliding window's moves (MixGRPO: 25 iterations)."""
+    branches: bool = False
+    """One ODE trunk per prompt up to the window, its G group members branching from there with
+    independent noise: the trunk's transformer calls are made once per group (Flow-GRPO-Fast v1)."""
+
+    def validate(self) -> None:
+        require(self.size >= 0, "grpo.sde_window.size", f"must be >= 0, got {self.size}")
+        require(self.start >= 0, "grpo.sde_window.start", f"must be >= 0, got {self.start}")
+        require(self.stride >= 1, "grpo.sde_window.stride", f"must be >= 1, got {self.stride}")
+        require(self.period >= 1, "grpo.sde_window.period", f"must be >= 1, got {self.period}")
+        if self.range is not None:
+            ok = len(self.range) == 2 and 0 <= self.range[0] and self.range[1] - self.range[0] >= self.size
+            require(ok, "grpo.sde_window.range", f"must be [r0, r1] with 0 <= r0 and r1 - r0 >= size, got {self.range}")
 
 
 @dataclass
@@ -59,10 +93,13 @@ class GRPOConfig:
     """With ``reward.name: weighted``: normalise each member reward within its group and sum the
     weighted advantages, A = Σ_k w_k (r_k − mean_g r_k) / (std_g r_k + eps) (MixGRPO; GDPO), so
     that a reward with a small spread is not drowned by one with a large spread."""
+    sde_window: SDEWindowConfig = field(default_factory=SDEWindowConfig)
+    """Stochastic sampling and training on a window of W actions only (:func:`window`)."""
 
     def validate(self) -> None:
         require(self.group_size >= 2, "grpo.group_size", f"must be >= 2, got {self.group_size}")
         require(self.std_eps > 0, "grpo.std_eps", f"must be > 0, got {self.std_eps}")
+        self.sde_window.validate()
 
 
 Config = GRPOConfig
@@ -83,11 +120,49 @@ def validate(config) -> None:
         f"{g.group_size} must divide sample.batch_size * sample.num_batches_per_epoch = {samples}",
     )
     validate_batches(config)
+    w, actions = g.sde_window, s.num_steps
+    if w.size:
+        last = (w.range or [0, actions // 2])[1] if w.placement == "random" else w.start + w.size
+        require(
+            w.size <= actions and last <= actions,
+            "grpo.sde_window",
+            f"{w.placement} window of {w.size} actions up to action {last} does not fit sample.num_steps = {actions}",
+        )
+        require(
+            not w.branches or s.batch_size % g.group_size == 0,
+            "grpo.sde_window.branches",
+            f"branches one trunk per group: grpo.group_size {g.group_size} must divide sample.batch_size {s.batch_size}",
+        )
+
+
+def window(config, epoch: int) -> tuple[int, int] | None:
+    """The SDE window (start, stop) of ``epoch`` (``grpo.sde_window``; None without one).
+
+    ``random`` draws the start from a generator seeded by (``run.seed``, epoch), so ``prepare``
+    finds the window the rollouts used, and a resumed run the same windows; the draw is once per
+    epoch where Flow-GRPO-Fast draws once per sampling call (the same distribution of starts)."""
+    w, actions = config.grpo.sde_window, config.sample.num_steps
+    if not w.size:
+        return None
+    if w.placement == "fixed":
+        start = w.start
+    elif w.placement == "random":
+        r0, r1 = w.range or (0, actions // 2)
+        generator = torch.Generator().manual_seed(config.run.seed * 1_000_003 + epoch)
+        start = r0 + int(torch.randint(r1 - w.size - r0 + 1, (1,), generator=generator))
+    else:  # sliding: MixGRPO's window moves `stride` every `period` epochs, back to 0 past the end
+        start = (w.start + w.stride * (epoch // w.period)) % (actions - w.size + 1)
+    return start, start + w.size
 
 
 def plan(config, epoch: int) -> Plan:
-    """Groups of ``grpo.group_size`` independent chains per prompt, every step trained."""
-    return Plan(group_size=config.grpo.group_size)
+    """Groups of ``grpo.group_size`` independent chains per prompt, every step trained; with an
+    SDE window, stochastic (and trained) steps only inside it, the group branching from one ODE
+    trunk at its start with ``sde_window.branches``."""
+    g, span = config.grpo, window(config, epoch)
+    if span is not None and g.sde_window.branches:
+        return Plan(branch_step=span[0], num_branches=g.group_size, group_size=g.group_size, window=span)
+    return Plan(group_size=g.group_size, window=span)
 
 
 def group_advantages(prompts: list[str], rewards: torch.Tensor, global_std: bool, eps: float) -> torch.Tensor:
@@ -139,6 +214,7 @@ def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
     else:
         advantages = group_advantages(gathered.prompts, gathered.rewards, g.global_std, g.std_eps)
     trained = gathered.finite & (advantages != 0)
-    batch = per_sample(advantages, trained, gathered)
+    span = window(ctx.config, epoch) or (0, None)
+    batch = per_sample(advantages, trained, gathered, *span)
     batch.metrics["frac_zero_advantage"] = 1.0 - trained.float().mean().item()
     return batch
