@@ -24,6 +24,7 @@ from diffrl.algorithms.b2diffurl import B2DiffuRLConfig
 from diffrl.algorithms.d3po import D3POConfig
 from diffrl.algorithms.dpo import DPOConfig
 from diffrl.algorithms.grpo import GRPOConfig
+from diffrl.algorithms.nft import NFTConfig
 from diffrl.configfile import annotated_yaml, apply_overrides, build, leaf_keys, read_yaml_file, with_defaults
 from diffrl.errors import ConfigError, require
 
@@ -359,7 +360,8 @@ class Config:
     share x_T; unset keys take D3PO's defaults: 20 steps, lr 3e-5), or the offline preference
     methods Diffusion-DPO (dpo) and SePPO (seppo) on the images of ``dpo.data`` (lr 2e-5,
     weight decay 1e-2), or GRPO (grpo: groups of chains per prompt, group-relative advantages,
-    PPO's clip and an exact KL penalty to the pretrained model; section ``grpo``)."""
+    PPO's clip and an exact KL penalty to the pretrained model; section ``grpo``), or DiffusionNFT
+    (nft: the forward-process loss on the old policy's images; any solver, the ODE by default)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -377,6 +379,8 @@ class Config:
     """β, data and SePPO's references (used when algorithm = dpo or seppo)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """Group size, std and KL coefficient of GRPO (used when algorithm = grpo)."""
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    """Group size, β, reference weight and old-policy schedule of DiffusionNFT (algorithm = nft)."""
 
 
 # ---------------------------------------------------------------------------- checks and entry points
@@ -402,7 +406,7 @@ def validate(config: Config) -> Config:
         section.validate()
     s, t = config.sample, config.train
     require(
-        s.eta > 0 or algorithm.offline or "ddim" not in algorithm.models,
+        s.eta > 0 or algorithm.offline or not algorithm.log_probs or "ddim" not in algorithm.models,
         "sample.eta",
         f"must be > 0 for {config.algorithm}, which trains on step log-probabilities; eta={s.eta} makes "
         "the DDIM step deterministic (no density)",

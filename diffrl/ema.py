@@ -48,9 +48,12 @@ class EMA:
         """Count one optimizer step taken; on every ``every``-th, θ̄ ← d_n θ̄ + (1 − d_n) θ."""
         self.steps += 1
         if self.steps % self.every == 0:
-            torch._foreach_lerp_(
-                self.shadow, [p.detach().float() for p in self.params], 1.0 - self.weight(self.steps)
-            )
+            self.blend(self.weight(self.steps))
+
+    @torch.no_grad()
+    def blend(self, weight: float) -> None:
+        """θ̄ ← w θ̄ + (1 − w) θ with the given ``weight`` w."""
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - weight)
 
     @torch.no_grad()
     def _swap(self) -> None:

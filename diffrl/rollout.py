@@ -158,7 +158,9 @@ def concat_trajectories(trajectories: list[Trajectory]) -> Trajectory:
         text=Text.cat([t.text for t in trajectories]),
         latents=torch.cat([t.latents for t in trajectories]),
         timesteps=trajectories[0].timesteps,
-        log_probs=torch.cat([t.log_probs for t in trajectories]),
+        log_probs=None
+        if trajectories[0].log_probs is None
+        else torch.cat([t.log_probs for t in trajectories]),
         images=torch.cat([t.images for t in trajectories]),
         parents=torch.cat(parents),
     )

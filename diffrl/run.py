@@ -51,6 +51,8 @@ from diffrl.transitions import denoiser, family
 
 EMA_FILE = "ema.safetensors"
 """The checkpoint file of the moving average (``train.ema``)."""
+ALGORITHM_FILE = "algorithm.safetensors"
+"""The checkpoint file of an algorithm state's tensors (its ``tensor_state``: NFT's old policy)."""
 
 
 @dataclass
@@ -235,6 +237,10 @@ class Run:
                     learner.ema.load_state_dict(
                         load_tensors(checkpoint, EMA_FILE), str(checkpoint / EMA_FILE)
                     )
+                if hasattr(state, "load_tensor_state"):
+                    state.load_tensor_state(
+                        load_tensors(checkpoint, ALGORITHM_FILE), str(checkpoint / ALGORITHM_FILE)
+                    )
                 self.start_epoch = saved["epoch"] + 1
         if self.main:
             if config.run.overwrite and not config.run.resume_from:
@@ -388,7 +394,9 @@ class Run:
         learner, accelerator = self.learner, self.accelerator
         self.flush()
         tracker = self.state.state_dict() if hasattr(self.state, "state_dict") else None
-        ema = learner.ema
+        tensors = {EMA_FILE: learner.ema.state_dict(keep=self.main)} if learner.ema is not None else {}
+        if hasattr(self.state, "tensor_state"):
+            tensors[ALGORITHM_FILE] = self.state.tensor_state(keep=self.main)
         save_checkpoint(
             self.dir,
             epoch,
@@ -399,7 +407,7 @@ class Run:
             accelerator.process_index,
             self.main,
             accelerator.wait_for_everyone,
-            {EMA_FILE: ema.state_dict(keep=self.main)} if ema is not None else None,
+            tensors,
         )
         if self.main:
             prune_checkpoints(self.dir, self.config.run.keep_last)

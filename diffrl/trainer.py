@@ -164,7 +164,7 @@ def train_online(config, algorithm, accelerator, source, reward_fn, state, evalu
     learner = build_learner(config, accelerator)
     pipe = learner.pipe
     run = Run(config, learner, state, streams, reward_fn, source.prompts, evaluation)
-    ctx = Context(config, accelerator, run.dir, state)
+    ctx = Context(config, accelerator, run.dir, state, learner)
     rank = f", process {accelerator.process_index}" if accelerator.num_processes > 1 else ""
     clock = EpochClock(config.run.num_epochs)
     monitor = start_monitor(config, run)
@@ -184,7 +184,12 @@ def train_online(config, algorithm, accelerator, source, reward_fn, state, evalu
         # TRAINING: the algorithm's advantages or pairs, then its loss over the trained steps
         t0 = time.perf_counter()
         batch = algorithm.prepare(ctx, rollouts, epoch)
-        stats = learner.train_epoch(algorithm.loss, batch, rollouts.traj, streams, epoch, clock.label(epoch))
+        if algorithm.train is not None:
+            stats = algorithm.train(ctx, batch, rollouts.traj, streams, epoch, clock.label(epoch))
+        else:
+            stats = learner.train_epoch(
+                algorithm.loss, batch, rollouts.traj, streams, epoch, clock.label(epoch)
+            )
 
         # the epoch's record, outputs and checkpoint
         kept = batch.rewards[torch.isfinite(batch.rewards)].double()  # float64: no overflow in the sums

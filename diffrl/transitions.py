@@ -210,6 +210,12 @@ class UNetTransition(_Begin):
         (:func:`diffrl.policies.ddim.predicted_x0`), ``[B, C, h, w]`` float32."""
         return ddim_predicted_x0(self.pipe.scheduler, eps, t, x)
 
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """The forward process x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε at ``t`` (a scalar or ``[B]``),
+        ``[B, C, h, w]`` float32 (the scheduler's ``add_noise``)."""
+        t = torch.as_tensor(t, device=x0.device).long().reshape(-1).expand(x0.shape[0])
+        return self.pipe.scheduler.add_noise(x0.float(), noise.float(), t)
+
     def actions(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The timesteps whose steps are stochastic actions of the MDP: all of DDIM's; all but the
         last of an LCM's H (its last step maps x_{τ_H} to the final latents deterministically)."""
@@ -387,6 +393,13 @@ class FlowTransition(_Begin):
         """x̂0 = x − σ v at σ of ``t`` (:func:`diffrl.policies.flow.predicted_x0`), ``[B, C, h, w]``."""
         sigma = self.pipe.scheduler.sigmas.to(x.device, torch.float32)[self._index(t, x.device)]
         return flow_predicted_x0(v, sigma, x)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """The forward process x_σ = (1 − σ) x0 + σ ε at σ of ``t`` (a scalar or ``[B]`` on the
+        schedule), ``[B, C, h, w]`` float32."""
+        sigma = self.pipe.scheduler.sigmas.to(x0.device, torch.float32)[self._index(t, x0.device)]
+        sigma = sigma.view(-1, *([1] * (x0.ndim - 1)))
+        return (1 - sigma) * x0.float() + sigma * noise.float()
 
     @property
     def _last_is_deterministic(self) -> bool:

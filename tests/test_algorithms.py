@@ -26,13 +26,21 @@ def test_every_registered_algorithm_exports_the_interface():
         if algorithm.offline:
             assert callable(algorithm.term) and callable(algorithm.setup), name
         else:
-            assert all(callable(f) for f in (algorithm.plan, algorithm.prepare, algorithm.loss)), name
+            assert callable(algorithm.plan) and callable(algorithm.prepare), name
+            assert callable(algorithm.loss) or callable(algorithm.train), name
             assert algorithm.models and set(algorithm.models) <= {"ddim", "lcm", "flow"}, name
         if algorithm.section:
             assert isinstance(
                 getattr(load_config(None, [f"algorithm={name}", "dpo.data=x"]), algorithm.section),
                 algorithm.module.Config,
             )
+
+
+def test_an_online_module_without_loss_or_train_is_refused_naming_them(tmp_path, monkeypatch):
+    (tmp_path / "half_method.py").write_text("def plan(config, epoch): pass\ndef prepare(ctx, r, e): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"does not define loss \(or train\)"):
+        algorithms.get("half_method")
 
 
 def test_unknown_algorithm_is_named():

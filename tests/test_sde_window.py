@@ -41,8 +41,14 @@ def test_outside_the_window_the_chain_is_the_ode_bit_for_bit(flow):
     ode = sample_trajectories(flow, PROMPTS, SamplerSettings(num_steps=6, eta=0.0), latents=x_T())
     runs = [
         sample_branches(
-            flow, PROMPTS, SDE, branch_step=0, num_branches=1, latents=x_T(),
-            generator=torch.Generator().manual_seed(seed), window=(2, 4),
+            flow,
+            PROMPTS,
+            SDE,
+            branch_step=0,
+            num_branches=1,
+            latents=x_T(),
+            generator=torch.Generator().manual_seed(seed),
+            window=(2, 4),
         )  # fmt: skip
         for seed in (1, 2)
     ]
@@ -136,8 +142,15 @@ def test_the_window_placements_by_hand():
     starts = [window(randomised, e)[0] for e in range(200)]
     assert set(starts) == {0, 1, 2, 3} and starts == [window(randomised, e)[0] for e in range(200)]
     assert window(window_config(), 0) is None
-    branched = plan(window_config("grpo.sde_window.size=2", "grpo.sde_window.start=4", "grpo.sde_window.branches=true"), 0)
-    assert (branched.branch_step, branched.num_branches, branched.group_size, branched.window) == (4, 8, 8, (4, 6))
+    branched = plan(
+        window_config("grpo.sde_window.size=2", "grpo.sde_window.start=4", "grpo.sde_window.branches=true"), 0
+    )
+    assert (branched.branch_step, branched.num_branches, branched.group_size, branched.window) == (
+        4,
+        8,
+        8,
+        (4, 6),
+    )
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,10 @@ config leaves unset), ``SECTION`` (the name of its config section, whose datacla
 ``Config`` is) and ``MODEL`` (``"ddim"``, ``"lcm"``, ``"flow"`` or a tuple of them: the sampler
 families it trains, :func:`diffrl.transitions.family`).
 
+A method whose loss is not on the sampler's steps (DiffusionNFT's forward-process loss) exports
+``train(ctx, batch, traj, streams, epoch, label) -> stats`` (the epoch's whole update) in place of
+``loss``, and ``LOG_PROBS = False`` when it needs no step log-probs (any solver, ``eta`` 0 too).
+
 An **offline** module (``OFFLINE = True``: Diffusion-DPO, SePPO) exports ``setup`` and
 ``term(ctx, learner, batch, streams) -> closure`` instead; :mod:`diffrl.offline` runs it.
 
@@ -41,6 +45,7 @@ REGISTRY: dict[str, str] = {
     "dpo": "diffrl.algorithms.dpo",
     "seppo": "diffrl.algorithms.seppo",
     "grpo": "diffrl.algorithms.grpo",
+    "nft": "diffrl.algorithms.nft",
 }
 """Registered names -> modules (a line per method)."""
 
@@ -85,12 +90,14 @@ class Rollouts:
 @dataclass
 class Context:
     """What an algorithm may use besides the rollouts: the config, the accelerator (to gather
-    across processes), the run folder, and the state its ``setup`` returned."""
+    across processes), the run folder, the state its ``setup`` returned, and the learner
+    (:class:`diffrl.learner.Learner`: the pipeline, the trained denoiser, its optimizer)."""
 
     config: object
     accelerator: object
     run_dir: object
     state: object = None
+    learner: object = None
 
 
 @dataclass
@@ -155,10 +162,13 @@ class Algorithm:
     defaults: dict
     validate: Callable
     setup: Callable
+    log_probs: bool = True
+    """Whether its loss reads the sampler's step log-probs (``sample.eta`` > 0 on DDIM)."""
     plan: Callable | None = None
     collect: Callable | None = None
     prepare: Callable | None = None
     loss: Callable | None = None
+    train: Callable | None = None
     term: Callable | None = None
 
 
@@ -179,11 +189,13 @@ def get(name: str) -> Algorithm:
             f"algorithm: {name!r} is not a registered algorithm ({known}) nor an importable module ({err})"
         ) from err
     offline = bool(getattr(module, "OFFLINE", False))
-    required = ("setup", "term") if offline else ("plan", "prepare", "loss")
+    required = ("setup", "term") if offline else ("plan", "prepare")
     missing = [n for n in required if not callable(getattr(module, n, None))]
+    if not offline and not any(callable(getattr(module, n, None)) for n in ("loss", "train")):
+        missing.append("loss (or train)")
     if missing:
         raise ConfigError(f"algorithm: {name!r}: module {path} does not define {', '.join(missing)}")
-    names = ("plan", "prepare", "loss", "term")
+    names = ("plan", "prepare", "loss", "train", "term")
     return Algorithm(
         name=name,
         module=module,
@@ -193,6 +205,7 @@ def get(name: str) -> Algorithm:
         defaults=getattr(module, "DEFAULTS", {}),
         validate=getattr(module, "validate", lambda config: None),
         setup=getattr(module, "setup", lambda config: None),
+        log_probs=bool(getattr(module, "LOG_PROBS", True)),
         collect=getattr(module, "collect", _sample),
         **{n: getattr(module, n, None) for n in names},
     )

@@ -78,7 +78,11 @@ class SDEWindowConfig:
         require(self.period >= 1, "grpo.sde_window.period", f"must be >= 1, got {self.period}")
         if self.range is not None:
             ok = len(self.range) == 2 and 0 <= self.range[0] and self.range[1] - self.range[0] >= self.size
-            require(ok, "grpo.sde_window.range", f"must be [r0, r1] with 0 <= r0 and r1 - r0 >= size, got {self.range}")
+            require(
+                ok,
+                "grpo.sde_window.range",
+                f"must be [r0, r1] with 0 <= r0 and r1 - r0 >= size, got {self.range}",
+            )
 
 
 @dataclass
