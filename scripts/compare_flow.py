@@ -1,0 +1,236 @@
+"""Which flow RL is cheapest for a given gain (issue #23): on the shipped ``tiny-flow``, Flow-GRPO
+(full), GRPO with an SDE window (fixed, random, sliding, branched) and DiffusionNFT, at an equal
+budget of reward queries and at equal wall time, ``--seeds`` seeds each.
+
+Every variant trains on Toy-GenEval's training prompts with the partial-credit reward
+(``configs/grpo/tiny_flow_geneval.yaml``, ``configs/nft/tiny_flow_geneval.yaml``; both sample 32
+images an epoch, so epochs are reward queries / 32) and is scored on the held-out Toy-GenEval rows
+(overall and per category) with the 20-step Euler ODE and 8 images per row, one fixed evaluation
+seed, so seeds vary training only. Each run is its own process; its transformer calls are counted
+as latent rows through the transformer (CFG's two halves count twice) and divided by its reward
+queries, next to its wall time and peak memory.
+
+Equal wall time (``--seconds`` S): each variant gets the epochs that its equal-budget runs say fit
+into S (their seconds per epoch, the rest of their wall time as a fixed cost).
+
+    python scripts/compare_flow.py --seeds 3 --epochs 100 --seconds 300 --out runs/compare_flow
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from measure import isolated
+
+ROOT = Path(__file__).resolve().parent.parent
+GRPO = "grpo/tiny_flow_geneval.yaml"
+WINDOW = ["train.timestep_fraction=1.0", "grpo.sde_window.size=2"]
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "GRPO (full)": (GRPO, []),
+    "GRPO, fixed window": (GRPO, [*WINDOW, "grpo.sde_window.start=0"]),
+    "GRPO, random window": (
+        GRPO,
+        [*WINDOW, "grpo.sde_window.placement=random", "grpo.sde_window.range=[0, 4]"],
+    ),
+    "GRPO, sliding window": (
+        GRPO,
+        [*WINDOW, "grpo.sde_window.placement=sliding", "grpo.sde_window.period=25"],
+    ),
+    "GRPO, branched window": (
+        GRPO,
+        [
+            *WINDOW,
+            "grpo.sde_window.placement=random",
+            "grpo.sde_window.range=[0, 4]",
+            "grpo.sde_window.branches=true",
+        ],
+    ),
+    "NFT": ("nft/tiny_flow_geneval.yaml", []),
+}
+"""Name -> (config under configs/, overrides). Windows of W = 2 actions (Flow-GRPO-Fast's default)
+within the first half of the 8 steps, where the full run trains its 4 highest-noise steps."""
+EVAL_STEPS, EVAL_IMAGES, EVAL_SEED = 20, 8, 0
+
+
+def count_transformer_rows() -> list[int]:
+    """Patch the SD3 transformer class of this process to count the latent rows it evaluates for
+    rollouts and training (the run's fixed-seed sample grids are not counted)."""
+    from diffusers import SD3Transformer2DModel
+
+    from diffrl.run import Run
+
+    rows, paused, forward, grid = [0], [False], SD3Transformer2DModel.forward, Run.grid
+
+    def counted(self, *args, **kwargs):
+        if not paused[0]:
+            rows[0] += (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).shape[0]
+        return forward(self, *args, **kwargs)
+
+    def uncounted_grid(self, *args, **kwargs):
+        paused[0] = True
+        try:
+            return grid(self, *args, **kwargs)
+        finally:
+            paused[0] = False
+
+    SD3Transformer2DModel.forward, Run.grid = counted, uncounted_grid
+    return rows
+
+
+def held_out(pipe) -> dict:
+    """Toy-GenEval held-out accuracy per category and overall, and the partial credit."""
+    from diffrl.evaluation import evaluate_suite, load_suite
+    from diffrl.rewards.shapes import TOY_THRESHOLDS, detect_batch
+    from diffrl.types import SamplerSettings
+
+    settings = SamplerSettings(num_steps=EVAL_STEPS, guidance_scale=5.0, eta=0.0)
+    table = evaluate_suite(
+        pipe, load_suite("toy-geneval"), detect_batch, TOY_THRESHOLDS, settings,
+        images_per_prompt=EVAL_IMAGES, seed=EVAL_SEED,
+    )  # fmt: skip
+    return {k: (v["accuracy"] if isinstance(v, dict) else v) for k, v in table.items()}
+
+
+def train_variant(variant: str, seed: int, epochs: int) -> dict:
+    """One training run of ``variant`` (in its own process) and its held-out evaluation."""
+    import torch
+
+    from diffrl.config import load_config
+    from diffrl.files import read_jsonl
+    from diffrl.trainer import train
+
+    torch.manual_seed(seed)
+    rows = count_transformer_rows()
+    config_file, overrides = VARIANTS[variant]
+    with tempfile.TemporaryDirectory() as out:
+        config = load_config(
+            ROOT / "configs" / config_file,
+            [*overrides, f"run.seed={seed}", f"run.num_epochs={epochs}", f"run.save_freq={epochs}",
+             f"run.output_dir={out}", "run.name=run", "monitor.enabled=false"],
+        )  # fmt: skip
+        start = time.perf_counter()
+        pipe = train(config)
+        wall = time.perf_counter() - start
+        calls = rows[0]
+        records = read_jsonl(Path(out) / "run" / "metrics.jsonl")
+    queries = sum(r["num_samples"] + r["num_dropped"] for r in records)
+    epoch_seconds = [r["time_sampling"] + r["time_reward"] + r["time_training"] for r in records]
+    return {
+        "variant": variant, "seed": seed, "epochs": epochs, "queries": queries, "wall_seconds": wall,
+        "epoch_seconds": statistics.median(epoch_seconds), "transformer_rows": calls,
+        "rows_per_query": calls / queries, "heldout": held_out(pipe),
+    }  # fmt: skip
+
+
+def base_model() -> dict:
+    from diffrl.pipelines import load_pipeline
+
+    return held_out(load_pipeline("tiny-flow"))
+
+
+def epochs_within(runs: list[dict], seconds: float) -> int:
+    """Epochs that fit into ``seconds``, from equal-budget runs' seconds per epoch and fixed cost."""
+    per_epoch = statistics.mean(r["epoch_seconds"] for r in runs)
+    fixed = statistics.mean(r["wall_seconds"] - r["epochs"] * r["epoch_seconds"] for r in runs)
+    return max(1, int((seconds - fixed) / per_epoch))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], 0.0
+    return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
+def summarize(runs: list[dict], setting: str) -> list[dict]:
+    rows = []
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant and r["setting"] == setting]
+        if mine:
+            keys = mine[0]["heldout"].keys()
+            rows.append({
+                "variant": variant,
+                "heldout": {k: mean_se([r["heldout"][k] for r in mine]) for k in keys},
+                **{k: statistics.mean(r[k] for r in mine) for k in ("epochs", "queries", "wall_seconds",
+                                                                  "rows_per_query", "peak_memory_mb")},
+            })  # fmt: skip
+    return rows
+
+
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def markdown(rows: list[dict], base: dict, title: str) -> str:
+    present = [c for c in CATEGORIES if c in base]
+    head = (
+        "| variant | overall | "
+        + " | ".join(present)
+        + " | queries | wall (s) | transformer rows / query | peak MB |"
+    )
+    lines = [f"**{title}**", "", head, "|" + "---|" * (len(present) + 6)]
+    lines.append(
+        "| base tiny-flow | "
+        + " | ".join(f"{base[k]:.3f}" for k in ("overall", *present))
+        + " | – | – | – | – |"
+    )
+    for r in rows:
+        h = r["heldout"]
+        cells = [f"{h['overall'][0]:.3f} ± {h['overall'][1]:.3f}", *(f"{h[c][0]:.3f}" for c in present)]
+        lines.append(
+            f"| {r['variant']} | "
+            + " | ".join(cells)
+            + f" | {r['queries']:.0f} | {r['wall_seconds']:.0f} | {r['rows_per_query']:.1f} | {r['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=100, help="equal budget: epochs of 32 reward queries")
+    parser.add_argument("--seconds", type=float, default=0.0, help="equal wall time per run (0: skip)")
+    parser.add_argument("--out", required=True, help="folder for compare_flow.json and compare_flow.md")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def run(variant, seed, epochs, setting) -> dict:
+        result = {**isolated(train_variant, variant, seed, epochs), "setting": setting}
+        print(json.dumps(result), file=sys.stderr, flush=True)
+        return result
+
+    base = isolated(base_model)
+    runs = [run(v, s, args.epochs, "budget") for v in args.variants for s in range(args.seeds)]
+    if args.seconds > 0:
+        for v in args.variants:
+            epochs = epochs_within([r for r in runs if r["variant"] == v], args.seconds)
+            runs += [run(v, s, epochs, "time") for s in range(args.seeds)]
+    tables = [
+        markdown(
+            summarize(runs, "budget"),
+            base,
+            f"Equal budget: {args.epochs * 32} reward queries, {args.seeds} seeds",
+        )
+    ]
+    if args.seconds > 0:
+        tables.append(
+            markdown(
+                summarize(runs, "time"), base, f"Equal wall time: {args.seconds:.0f} s, {args.seeds} seeds"
+            )
+        )
+    text = "\n\n".join(tables) + "\n"
+    (out / "compare_flow.json").write_text(json.dumps({"base": base, "runs": runs}, indent=1))
+    (out / "compare_flow.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
