@@ -29,8 +29,13 @@ two runs made back to back (the machine's speed drifts by up to 30% between seco
   (f) SVDD-PM's cost against M (candidates per step): UNet and reward evaluations per image,
       images/s, mean reward, peak memory.
 
+  (g) every flow RL variant of ``compare_flow.py`` (Flow-GRPO full, SDE windows fixed / random /
+      sliding / branched, DiffusionNFT) on ``tiny-flow``: transformer calls (latent rows; CFG's
+      halves count twice) per reward query, rollouts and training together, and seconds per epoch,
+      over ``--epochs`` epochs in its own process.
+
 Target: (a), (b) <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--branches 4] [--repeats 9]
-[--M 8] [--lcm-steps 4] [--epochs 4] [--svdd-M 1 2 4 8 16] [--json out.json]
+[--M 8] [--lcm-steps 4] [--epochs 4] [--svdd-M 1 2 4 8 16] [--json out.json]; ``--only-flow-calls`` runs (g) alone
 """
 
 from __future__ import annotations
@@ -347,6 +352,42 @@ def svdd_at(m: int, steps: int) -> dict:
     }
 
 
+def flow_calls(epochs: int) -> list[dict]:
+    """Table (g): each flow variant's transformer rows per reward query over ``epochs`` epochs."""
+    from compare_flow import VARIANTS
+
+    return [isolated(flow_variant_calls, variant, epochs) for variant in VARIANTS]
+
+
+def flow_variant_calls(variant: str, epochs: int) -> dict:
+    """One row of table (g), in its own process: ``epochs`` epochs of ``variant``, no evaluation."""
+    from compare_flow import VARIANTS, count_transformer_rows
+
+    rows = count_transformer_rows()
+    config_file, overrides = VARIANTS[variant]
+    with tempfile.TemporaryDirectory() as out:
+        config = load_config(
+            ROOT / "configs" / config_file,
+            [*overrides, f"run.num_epochs={epochs}", f"run.save_freq={epochs}", f"run.output_dir={out}",
+             "run.name=bench", "monitor.enabled=false"],
+        )  # fmt: skip
+        train(config)
+        records = read_jsonl(Path(out) / "bench" / "metrics.jsonl")
+    queries = sum(r["num_samples"] + r["num_dropped"] for r in records)
+    seconds = statistics.median(r["time_sampling"] + r["time_reward"] + r["time_training"] for r in records)
+    return {"variant": variant, "rows_per_query": rows[0] / queries, "epoch_seconds": seconds}
+
+
+def print_flow_calls(rows: list[dict]) -> None:
+    print("\ntransformer calls per reward query, tiny-flow (rollouts and training; CFG rows count twice)")
+    print("| variant | transformer rows / reward query | s / epoch (32 queries) | peak memory (MB) |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['variant']} | {row['rows_per_query']:.1f} | {row['epoch_seconds']:.2f} | {row['peak_memory_mb']:.0f} |"
+        )
+
+
 def print_overhead(result: dict) -> None:
     """Tables (a) and (b) of one :func:`bench` result."""
     med, batch = result["median_seconds"], result["batch"]
@@ -385,7 +426,11 @@ def main() -> None:
     parser.add_argument("--svdd-M", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--guided-steps", type=int, default=4, help="sampler steps of (d) and (f)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only-flow-calls", action="store_true", help="run table (g) alone")
     args = parser.parse_args()
+    if args.only_flow_calls:
+        print_flow_calls(flow_calls(args.epochs))
+        return
     result = bench(args.steps, args.batch, args.branches, args.repeats)
     print_overhead(result)
     result["flow"] = bench(args.flow_steps, args.batch, args.branches, args.repeats, model="tiny-flow")
@@ -436,6 +481,8 @@ def main() -> None:
             f"| {row['M']} | {row['unet_per_image']:.0f} | {row['reward_queries_per_image']} "
             f"| {row['images_per_second']:.1f} | {row['reward_mean']:.3f} | {row['peak_memory_mb']:.0f} |"
         )
+    result["flow_calls"] = flow_calls(args.epochs)
+    print_flow_calls(result["flow_calls"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
