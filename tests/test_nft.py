@@ -131,15 +131,16 @@ def denoising_error(learner, traj, sample: int, seed: int = 1) -> float:
     return float(((transition.predicted_x0(v, timesteps, x_t) - x0) ** 2).mean())
 
 
-@pytest.mark.parametrize("r", [1.0, 0.0])
+@pytest.mark.parametrize("r, model", [(1.0, "tiny-flow"), (0.0, "tiny-flow"), (1.0, "tiny"), (0.0, "tiny")])
 def test_an_update_lowers_the_denoising_error_of_positive_samples_and_raises_that_of_negative_ones(
-    tmp_path, r
+    tmp_path, r, model
 ):
-    """Two samples, both positive (r = 1) or both negative (r = 0): after the epoch's update (4
-    inner epochs) their denoising error has fallen, or risen; the old policy then holds
-    η θ_old + (1 − η) θ."""
+    """Two samples, both positive (r = 1) or both negative (r = 0), on the flow transformer and
+    on the DDIM UNet: after the epoch's update (4 inner epochs) their denoising error has fallen,
+    or risen; the old policy then holds η θ_old + (1 − η) θ."""
+    unet = ["model.pretrained=tiny", "model.lora_target_modules=[to_q, to_k, to_v, to_out.0]"]
     config = resolve_train_config(
-        CONFIG, ["sample.batch_size=2", "nft.group_size=2", "train.batch_size=2", "train.gradient_accumulation_steps=1",
+        CONFIG, [*(unet if model == "tiny" else []), "sample.batch_size=2", "nft.group_size=2", "train.batch_size=2", "train.gradient_accumulation_steps=1",
                  "train.num_inner_epochs=4", "train.learning_rate=3e-3", "nft.old_rate=0.1", f"run.output_dir={tmp_path}"],
         None,
     )  # fmt: skip
