@@ -353,29 +353,11 @@ def svdd_at(m: int, steps: int) -> dict:
 
 
 def flow_calls(epochs: int) -> list[dict]:
-    """Table (g): each flow variant's transformer rows per reward query over ``epochs`` epochs."""
-    from compare_flow import VARIANTS
+    """Table (g): each flow variant's transformer rows per reward query over ``epochs`` epochs (its
+    own process, no evaluation: :func:`compare_flow.train_variant`)."""
+    from compare_flow import VARIANTS, train_variant
 
-    return [isolated(flow_variant_calls, variant, epochs) for variant in VARIANTS]
-
-
-def flow_variant_calls(variant: str, epochs: int) -> dict:
-    """One row of table (g), in its own process: ``epochs`` epochs of ``variant``, no evaluation."""
-    from compare_flow import VARIANTS, count_transformer_rows
-
-    rows = count_transformer_rows()
-    config_file, overrides = VARIANTS[variant]
-    with tempfile.TemporaryDirectory() as out:
-        config = load_config(
-            ROOT / "configs" / config_file,
-            [*overrides, f"run.num_epochs={epochs}", f"run.save_freq={epochs}", f"run.output_dir={out}",
-             "run.name=bench", "monitor.enabled=false"],
-        )  # fmt: skip
-        train(config)
-        records = read_jsonl(Path(out) / "bench" / "metrics.jsonl")
-    queries = sum(r["num_samples"] + r["num_dropped"] for r in records)
-    seconds = statistics.median(r["time_sampling"] + r["time_reward"] + r["time_training"] for r in records)
-    return {"variant": variant, "rows_per_query": rows[0] / queries, "epoch_seconds": seconds}
+    return [isolated(train_variant, variant, 0, epochs, False) for variant in VARIANTS]
 
 
 def print_flow_calls(rows: list[dict]) -> None:

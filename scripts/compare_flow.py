@@ -97,8 +97,9 @@ def held_out(pipe) -> dict:
     return {k: (v["accuracy"] if isinstance(v, dict) else v) for k, v in table.items()}
 
 
-def train_variant(variant: str, seed: int, epochs: int) -> dict:
-    """One training run of ``variant`` (in its own process) and its held-out evaluation."""
+def train_variant(variant: str, seed: int, epochs: int, evaluate: bool = True) -> dict:
+    """One training run of ``variant`` (in its own process) and, with ``evaluate``, its held-out
+    evaluation (``bench.py`` (g) takes only the counts)."""
     import torch
 
     from diffrl.config import load_config
@@ -124,7 +125,7 @@ def train_variant(variant: str, seed: int, epochs: int) -> dict:
     return {
         "variant": variant, "seed": seed, "epochs": epochs, "queries": queries, "wall_seconds": wall,
         "epoch_seconds": statistics.median(epoch_seconds), "transformer_rows": calls,
-        "rows_per_query": calls / queries, "heldout": held_out(pipe),
+        "rows_per_query": calls / queries, **({"heldout": held_out(pipe)} if evaluate else {}),
     }  # fmt: skip
 
 
