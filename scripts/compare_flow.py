@@ -83,13 +83,14 @@ def count_transformer_rows() -> list[int]:
     return rows
 
 
-def held_out(pipe) -> dict:
-    """Toy-GenEval held-out accuracy per category and overall, and the partial credit."""
+def held_out(pipe, guidance: float) -> dict:
+    """Toy-GenEval held-out accuracy per category and overall, and the partial credit, sampled at
+    the classifier-free ``guidance`` the run trained with (NFT trains CFG-free: guidance 1)."""
     from diffrl.evaluation import evaluate_suite, load_suite
     from diffrl.rewards.shapes import TOY_THRESHOLDS, detect_batch
     from diffrl.types import SamplerSettings
 
-    settings = SamplerSettings(num_steps=EVAL_STEPS, guidance_scale=5.0, eta=0.0)
+    settings = SamplerSettings(num_steps=EVAL_STEPS, guidance_scale=guidance, eta=0.0)
     table = evaluate_suite(
         pipe, load_suite("toy-geneval"), detect_batch, TOY_THRESHOLDS, settings,
         images_per_prompt=EVAL_IMAGES, seed=EVAL_SEED,
@@ -122,17 +123,30 @@ def train_variant(variant: str, seed: int, epochs: int, evaluate: bool = True) -
         records = read_jsonl(Path(out) / "run" / "metrics.jsonl")
     queries = sum(r["num_samples"] + r["num_dropped"] for r in records)
     epoch_seconds = [r["time_sampling"] + r["time_reward"] + r["time_training"] for r in records]
+    tenth = max(1, len(records) // 10)
+    rewards = [r["reward_mean"] for r in records]
     return {
         "variant": variant, "seed": seed, "epochs": epochs, "queries": queries, "wall_seconds": wall,
         "epoch_seconds": statistics.median(epoch_seconds), "transformer_rows": calls,
-        "rows_per_query": calls / queries, **({"heldout": held_out(pipe)} if evaluate else {}),
+        "rows_per_query": calls / queries,
+        "reward_first": statistics.mean(rewards[:tenth]), "reward_last": statistics.mean(rewards[-tenth:]),
+        "guidance": config.sample.guidance_scale,
+        **({"heldout": held_out(pipe, config.sample.guidance_scale)} if evaluate else {}),
     }  # fmt: skip
 
 
-def base_model() -> dict:
+def guidance_of(variant: str) -> float:
+    """The classifier-free guidance that ``variant`` samples (and is evaluated) with."""
+    from diffrl.config import load_config
+
+    config_file, overrides = VARIANTS[variant]
+    return load_config(ROOT / "configs" / config_file, overrides).sample.guidance_scale
+
+
+def base_model(guidance: float) -> dict:
     from diffrl.pipelines import load_pipeline
 
-    return held_out(load_pipeline("tiny-flow"))
+    return held_out(load_pipeline("tiny-flow"), guidance)
 
 
 def epochs_within(runs: list[dict], seconds: float) -> int:
@@ -158,7 +172,8 @@ def summarize(runs: list[dict], setting: str) -> list[dict]:
                 "variant": variant,
                 "heldout": {k: mean_se([r["heldout"][k] for r in mine]) for k in keys},
                 **{k: statistics.mean(r[k] for r in mine) for k in ("epochs", "queries", "wall_seconds",
-                                                                  "rows_per_query", "peak_memory_mb")},
+                                                                  "rows_per_query", "peak_memory_mb", "guidance",
+                                                                  "reward_first", "reward_last")},
             })  # fmt: skip
     return rows
 
@@ -166,26 +181,29 @@ def summarize(runs: list[dict], setting: str) -> list[dict]:
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
-def markdown(rows: list[dict], base: dict, title: str) -> str:
-    present = [c for c in CATEGORIES if c in base]
+def markdown(rows: list[dict], bases: dict[float, dict], title: str) -> str:
+    """One table: a base row per guidance (the variants are evaluated at their own), then a row per
+    variant with the mean ± standard error over seeds."""
+    present = [c for c in CATEGORIES if c in next(iter(bases.values()))]
     head = (
-        "| variant | overall | "
+        "| variant | guidance | overall | "
         + " | ".join(present)
-        + " | queries | wall (s) | transformer rows / query | peak MB |"
+        + " | training reward, first → last tenth | queries | wall (s) | transformer rows / query | peak MB |"
     )
-    lines = [f"**{title}**", "", head, "|" + "---|" * (len(present) + 6)]
-    lines.append(
-        "| base tiny-flow | "
-        + " | ".join(f"{base[k]:.3f}" for k in ("overall", *present))
-        + " | – | – | – | – |"
-    )
+    lines = [f"**{title}**", "", head, "|" + "---|" * (len(present) + 8)]
+    for guidance, base in sorted(bases.items(), reverse=True):
+        lines.append(
+            f"| base tiny-flow | {guidance:g} | "
+            + " | ".join(f"{base[k]:.3f}" for k in ("overall", *present))
+            + " | – | – | – | – | – |"
+        )
     for r in rows:
         h = r["heldout"]
         cells = [f"{h['overall'][0]:.3f} ± {h['overall'][1]:.3f}", *(f"{h[c][0]:.3f}" for c in present)]
         lines.append(
-            f"| {r['variant']} | "
+            f"| {r['variant']} | {r['guidance']:g} | "
             + " | ".join(cells)
-            + f" | {r['queries']:.0f} | {r['wall_seconds']:.0f} | {r['rows_per_query']:.1f} | {r['peak_memory_mb']:.0f} |"
+            + f" | {r['reward_first']:.3f} → {r['reward_last']:.3f} | {r['queries']:.0f} | {r['wall_seconds']:.0f} | {r['rows_per_query']:.1f} | {r['peak_memory_mb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -208,7 +226,7 @@ def main() -> None:
         print(json.dumps(result), file=sys.stderr, flush=True)
         return result
 
-    base = isolated(base_model)
+    bases = {g: isolated(base_model, g) for g in sorted({guidance_of(v) for v in args.variants})}
     runs = [run(v, s, args.epochs, "budget") for v in args.variants for s in range(args.seeds)]
     if args.seconds > 0:
         for v in args.variants:
@@ -217,18 +235,20 @@ def main() -> None:
     tables = [
         markdown(
             summarize(runs, "budget"),
-            base,
+            bases,
             f"Equal budget: {args.epochs * 32} reward queries, {args.seeds} seeds",
         )
     ]
     if args.seconds > 0:
         tables.append(
             markdown(
-                summarize(runs, "time"), base, f"Equal wall time: {args.seconds:.0f} s, {args.seeds} seeds"
+                summarize(runs, "time"), bases, f"Equal wall time: {args.seconds:.0f} s, {args.seeds} seeds"
             )
         )
     text = "\n\n".join(tables) + "\n"
-    (out / "compare_flow.json").write_text(json.dumps({"base": base, "runs": runs}, indent=1))
+    (out / "compare_flow.json").write_text(
+        json.dumps({"base": {str(g): b for g, b in bases.items()}, "runs": runs}, indent=1)
+    )
     (out / "compare_flow.md").write_text(text)
     print(text)
 

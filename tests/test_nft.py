@@ -140,7 +140,7 @@ def test_an_update_lowers_the_denoising_error_of_positive_samples_and_raises_tha
     or risen; the old policy then holds η θ_old + (1 − η) θ."""
     unet = ["model.pretrained=tiny", "model.lora_target_modules=[to_q, to_k, to_v, to_out.0]"]
     config = resolve_train_config(
-        CONFIG, [*(unet if model == "tiny" else []), "sample.batch_size=2", "nft.group_size=2", "train.batch_size=2", "train.gradient_accumulation_steps=1",
+        CONFIG, [*(unet if model == "tiny" else []), "sample.guidance_scale=5", "train.cfg=true", "sample.batch_size=2", "nft.group_size=2", "train.batch_size=2", "train.gradient_accumulation_steps=1",
                  "train.num_inner_epochs=4", "train.learning_rate=3e-3", "nft.old_rate=0.1", f"run.output_dir={tmp_path}"],
         None,
     )  # fmt: skip
