@@ -216,6 +216,18 @@ class UNetTransition(_Begin):
         t = torch.as_tensor(t, device=x0.device).long().reshape(-1).expand(x0.shape[0])
         return self.pipe.scheduler.add_noise(x0.float(), noise.float(), t)
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """The UNet's regression target at ``add_noise(x0, noise, t)`` (the diffusion training
+        loss's) per ``prediction_type``: ε, v = √ᾱ_t ε − √(1 − ᾱ_t) x0 (SD 2.x 768) or x0,
+        ``[B, C, h, w]`` float32."""
+        scheduler = self.pipe.scheduler
+        if scheduler.config.prediction_type == "sample":
+            return x0.float()
+        if scheduler.config.prediction_type == "v_prediction":
+            t = torch.as_tensor(t, device=x0.device).long().reshape(-1).expand(x0.shape[0])
+            return scheduler.get_velocity(x0.float(), noise.float(), t)
+        return noise.float()
+
     def actions(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The timesteps whose steps are stochastic actions of the MDP: all of DDIM's; all but the
         last of an LCM's H (its last step maps x_{τ_H} to the final latents deterministically)."""
@@ -401,6 +413,11 @@ class FlowTransition(_Begin):
         sigma = sigma.view(-1, *([1] * (x0.ndim - 1)))
         return (1 - sigma) * x0.float() + sigma * noise.float()
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """The flow-matching target velocity ε − x0 of ``add_noise(x0, noise, t)`` (the
+        derivative of x_σ in σ), ``[B, C, h, w]`` float32."""
+        return noise.float() - x0.float()
+
     @property
     def _last_is_deterministic(self) -> bool:
         """CPS onto σ' = 0 has std σ' sin(aπ/2) = 0: a deterministic map, not an action."""
@@ -427,6 +444,17 @@ def transition_for(pipe, settings: SamplerSettings) -> UNetTransition | FlowTran
             pipe, settings.guidance_scale, settings.eta, settings.flow_step, settings.max_sequence_length
         )
     return UNetTransition(pipe, settings.guidance_scale, settings.eta)
+
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """VAE latents ``[B, C, h, w]`` float32 of images ``[B, 3, H, W]`` in [−1, 1]: the posterior's
+    mean, shifted by ``shift_factor`` (SD3/FLUX VAEs) and scaled by ``scaling_factor``, the
+    inverse of :func:`decode_latents`."""
+    vae = pipe.vae
+    dtype = next(vae.parameters()).dtype
+    latents = vae.encode(images.to(execution_device(pipe), dtype)).latent_dist.mean.float()
+    return (latents - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:

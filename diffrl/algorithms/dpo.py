@@ -36,6 +36,7 @@ from diffrl.learner import adapters_disabled
 from diffrl.ops import eps_mse
 from diffrl.preferences import Preference, load_images, load_preferences
 from diffrl.text import encode_prompts
+from diffrl.transitions import encode_images
 
 OFFLINE = True
 """Trained on a data source, not on rollouts (:mod:`diffrl.offline`)."""
@@ -108,14 +109,6 @@ def dpo_loss(inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- one term
-
-
-@torch.no_grad()
-def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
-    """VAE latents (scaled, the distribution's mean) of images ``[B, 3, H, W]`` in [−1, 1]."""
-    vae = pipe.vae
-    latents = vae.encode(images.to(pipe._execution_device, vae.dtype)).latent_dist.mean
-    return latents.float() * vae.config.scaling_factor
 
 
 def noised_pair(pipe, winners: torch.Tensor, losers: torch.Tensor, generator: torch.Generator):

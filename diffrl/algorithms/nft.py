@@ -41,11 +41,11 @@ why any solver can collect the data.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 from diffrl.algorithms import Batch, Context, Plan, Rollouts, gather, per_sample
+from diffrl.algorithms.forward import Noised, masked_mean, train_on_forward_process
 from diffrl.algorithms.grpo import group_advantages
 from diffrl.errors import require
 
@@ -212,40 +212,25 @@ def nft_loss(
     per_sample_loss = (
         LOSS_SCALE * (r * adaptive_error(positive, x0) + (1 - r) * adaptive_error(negative, x0)) / beta
     )
-    weight = torch.ones_like(r) if valid is None else valid.to(r.device, torch.float32)
-    return (per_sample_loss * weight).sum() / weight.sum().clamp(min=1.0)
+    return per_sample_loss.mean() if valid is None else masked_mean(per_sample_loss, valid)
 
 
 def train(ctx: Context, batch: Batch, traj, streams, epoch: int, label: str) -> dict:
-    """The epoch's update: ``num_inner_epochs`` shuffled passes over the trained samples in
-    minibatches of ``train.batch_size``; per minibatch one accumulated term per trained timestep
-    (each sample its own shuffled order of the schedule's timesteps); then the old-policy update."""
-    from diffrl.collect import sampler_settings
-    from diffrl.learner import adapters_disabled, training_items
-    from diffrl.progress import progress
-    from diffrl.transitions import denoiser, transition_for
-    from diffrl.types import Text
+    """The epoch's update on the forward process (:func:`~diffrl.algorithms.forward.train_on_forward_process`:
+    ``num_inner_epochs`` passes, one accumulated term per trained timestep) with the loss above;
+    then the old-policy update."""
+    from diffrl.learner import adapters_disabled
+    from diffrl.transitions import denoiser
 
     config, learner, state = ctx.config, ctx.learner, ctx.state
-    t, n, accelerator = config.train, config.nft, ctx.accelerator
+    n, accelerator = config.nft, ctx.accelerator
     old = state.policy(learner)
-    transition = transition_for(learner.pipe, sampler_settings(config))
-    timesteps = transition.schedule(config.sample.num_steps, traj.latents[:1, 0])
-    trained_steps = max(1, int(len(timesteps) * t.timestep_fraction))
-    index, valid = training_items(batch.trained, t.batch_size * t.gradient_accumulation_steps, accelerator)
-    accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps * trained_steps
-    accelerator.step = 0
-    x0_all, r_all = traj.latents[:, -1], batch.values["r"]
+    samples = batch.members[:, 0]
+    r_all = batch.values["r"]
     model = denoiser(learner.pipe)
 
-    def term(rows: torch.Tensor, ok: torch.Tensor, steps: torch.Tensor):
-        samples = batch.members[rows, 0]
-        text = traj.text.select(samples)
-        if not t.cfg:
-            text = Text(text.embeds, text.pooled)
-        x0, ts = x0_all[samples].to(accelerator.device), timesteps[steps]
-        noise = torch.randn(x0.shape, generator=streams.shuffle).to(x0.device)
-        x_t = transition.add_noise(x0, noise, ts)
+    def loss(term: Noised):
+        transition, x_t, ts, text = term.transition, term.x_t, term.t, term.text
         with torch.no_grad(), accelerator.autocast():
             with old.applied():
                 x0_old = transition.predicted_x0(
@@ -258,36 +243,20 @@ def train(ctx: Context, batch: Batch, traj, streams, epoch: int, label: str) -> 
         with accelerator.autocast():
             out = transition.noise_pred(x_t, ts, text, unet=learner.unet)
         x0_theta = transition.predicted_x0(out, ts, x_t)
-        loss = nft_loss(x0, x0_theta, x0_old, r_all[samples].to(x0.device), n.beta, ok)
-        stats = {"policy_loss": loss.detach()}
+        r = r_all[term.rows].to(x_t.device)
+        value = nft_loss(term.x0, x0_theta, x0_old, r, n.beta, term.valid)
+        stats = {"policy_loss": value.detach()}
         if out_ref is not None:
-            weight = ok.to(out.device, torch.float32)
-            reg = (((out - out_ref) ** 2).flatten(1).mean(1) * weight).sum() / weight.sum().clamp(min=1.0)
-            loss = loss + n.reference_weight * reg
+            reg = masked_mean(((out - out_ref) ** 2).flatten(1).mean(1), term.valid)
+            value = value + n.reference_weight * reg
             stats["reference_mse"] = reg.detach()
-        return loss, stats  # accelerate divides by the accumulation length (trained_steps terms each)
+        return value, stats  # accelerate divides by the accumulation length (trained_steps terms each)
 
-    totals, terms, steps_before = {}, 0, learner.guard.skipped
-    learner.unet.train()
-    for inner in range(t.num_inner_epochs):
-        order = torch.randperm(len(index), generator=streams.shuffle)
-        minibatches = progress(
-            order.split(t.batch_size), f"{label}: training", accelerator.is_local_main_process, "minibatches"
-        )
-        for b, rows in enumerate(minibatches):
-            orders = torch.stack([torch.randperm(len(timesteps), generator=streams.shuffle) for _ in rows])
-            for j in range(trained_steps):
-                stats = learner.update(
-                    partial(term, index[rows], valid[rows], orders[:, j]),
-                    f"epoch {epoch}, inner epoch {inner}",
-                    f"minibatch {b}, trained timestep {j}",
-                )
-                for name, value in stats.items():
-                    totals[name] = totals.get(name, 0.0) + value
-                terms += 1
-    learner.unet.eval()
-    state.steps += t.num_inner_epochs * len(index) // (t.batch_size * t.gradient_accumulation_steps)
+    skipped = learner.guard.skipped
+    stats = train_on_forward_process(
+        ctx, traj.latents[samples, -1], traj.text.select(samples), batch.trained, streams, epoch, label, loss
+    )
+    state.steps += stats.pop("optimizer_steps")
     eta = old_weight(state.steps, n)
     old.blend(eta)
-    return {**{k: v / terms for k, v in totals.items()}, "old_weight": eta,
-            "skipped_steps": learner.guard.skipped - steps_before}  # fmt: skip
+    return {**stats, "old_weight": eta, "skipped_steps": learner.guard.skipped - skipped}

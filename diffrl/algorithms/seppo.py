@@ -37,7 +37,6 @@ from diffrl.algorithms.dpo import (
     checkpoint_weights,
     dpo_loss,
     encode_batch,
-    encode_images,
     errors,
     noised_pair,
     resolution,
@@ -47,6 +46,7 @@ from diffrl.algorithms.dpo import (
 from diffrl.checkpoints import list_checkpoints
 from diffrl.preferences import Preference, load_preferences
 from diffrl.rollout import sample_trajectories
+from diffrl.transitions import encode_images
 from diffrl.types import SamplerSettings
 
 __all__ = ["DEFAULTS", "OFFLINE", "SECTION", "Config", "setup", "term", "validate"]
