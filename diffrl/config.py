@@ -25,6 +25,7 @@ from diffrl.algorithms.d3po import D3POConfig
 from diffrl.algorithms.dpo import DPOConfig
 from diffrl.algorithms.grpo import GRPOConfig
 from diffrl.algorithms.nft import NFTConfig
+from diffrl.algorithms.raft import RAFTConfig
 from diffrl.configfile import annotated_yaml, apply_overrides, build, leaf_keys, read_yaml_file, with_defaults
 from diffrl.errors import ConfigError, require
 
@@ -381,6 +382,8 @@ class Config:
     """Group size, std and KL coefficient of GRPO (used when algorithm = grpo)."""
     nft: NFTConfig = field(default_factory=NFTConfig)
     """Group size, β, reference weight and old-policy schedule of DiffusionNFT (algorithm = nft)."""
+    raft: RAFTConfig = field(default_factory=RAFTConfig)
+    """Samples per prompt, acceptance and the original-data mixture of RAFT (algorithm = raft)."""
 
 
 # ---------------------------------------------------------------------------- checks and entry points

@@ -46,6 +46,7 @@ REGISTRY: dict[str, str] = {
     "seppo": "diffrl.algorithms.seppo",
     "grpo": "diffrl.algorithms.grpo",
     "nft": "diffrl.algorithms.nft",
+    "raft": "diffrl.algorithms.raft",
 }
 """Registered names -> modules (a line per method)."""
 
