@@ -84,18 +84,11 @@ def count_transformer_rows() -> list[int]:
 
 
 def held_out(pipe, guidance: float) -> dict:
-    """Toy-GenEval held-out accuracy per category and overall, and the partial credit, sampled at
-    the classifier-free ``guidance`` the run trained with (NFT trains CFG-free: guidance 1)."""
-    from diffrl.evaluation import evaluate_suite, load_suite
-    from diffrl.rewards.shapes import TOY_THRESHOLDS, detect_batch
-    from diffrl.types import SamplerSettings
+    """Held-out Toy-GenEval per category, overall and the partial credit, sampled at the
+    classifier-free ``guidance`` the run trained with (NFT trains CFG-free: guidance 1)."""
+    from diffrl.evaluation import toy_geneval_heldout
 
-    settings = SamplerSettings(num_steps=EVAL_STEPS, guidance_scale=guidance, eta=0.0)
-    table = evaluate_suite(
-        pipe, load_suite("toy-geneval"), detect_batch, TOY_THRESHOLDS, settings,
-        images_per_prompt=EVAL_IMAGES, seed=EVAL_SEED,
-    )  # fmt: skip
-    return {k: (v["accuracy"] if isinstance(v, dict) else v) for k, v in table.items()}
+    return toy_geneval_heldout(pipe, guidance, EVAL_STEPS, EVAL_IMAGES, EVAL_SEED)
 
 
 def train_variant(variant: str, seed: int, epochs: int, evaluate: bool = True) -> dict:

@@ -15,9 +15,8 @@ loss — fresh noise ε at the sampler's timesteps t, x_t by the forward process
 the regression target of the model's parameterisation (flow: ε − x0; DDIM: ε, or v), with
 :func:`~diffrl.algorithms.forward.train_on_forward_process` (``train.num_inner_epochs`` passes,
 minibatches of ``train.batch_size``). The conditional denoiser is trained (no guidance mix), a
-share ``raft.empty_prompt_fraction`` of rows with the empty prompt so that classifier-free
-guidance keeps working (without it, guidance at 5 extrapolates from an unconditional velocity the
-LoRA moved untrained, and the tiny models' colours collapse within 40 stages).
+share ``raft.empty_prompt_fraction`` of rows with the empty prompt so that the unconditional
+velocity that classifier-free guidance extrapolates from is fitted to the same images.
 
 **Curated self-consuming** (``raft.data_fraction`` φ > 0): every stage retrains on a mixture in
 which a share φ of the rows are original data — ``raft.data: toy`` renders the stage's prompts
@@ -238,19 +237,22 @@ def train(ctx: Context, batch: Batch, traj, streams, epoch: int, label: str) -> 
     x0 = traj.latents[samples, -1].float()
     text = Text(traj.text.embeds, traj.text.pooled).select(samples)
     kept = samples[trained].tolist()
-    phi, extra = config.raft.data_fraction, {}
-    if phi > 0 and kept:
-        count = max(1, round(phi / (1 - phi) * len(kept)))
+    r, extra = config.raft, {}
+    transition = transition_for(learner.pipe, sampler_settings(config))
+    if r.data_fraction > 0 and kept:
+        count = max(1, round(r.data_fraction / (1 - r.data_fraction) * len(kept)))
         prompts, data_x0 = original_data(
             ctx, [traj.prompts[i] for i in kept], count, traj.images.shape[-1], streams
         )
-        encoded = transition_for(learner.pipe, sampler_settings(config)).encode(
-            prompts, config.sample.negative_prompt, accelerator.device
-        )
+        encoded = transition.encode(prompts, "", accelerator.device)
         x0 = torch.cat([x0, data_x0.to(x0.device)])
         text = Text.cat([text, Text(encoded.embeds, encoded.pooled)])
         trained = torch.cat([trained, torch.ones(count, dtype=torch.bool)])
         extra["data_rows"] = count
+    if r.empty_prompt_fraction > 0:
+        text = with_empty_prompts(
+            text, transition, config.sample.negative_prompt, r.empty_prompt_fraction, streams
+        )
 
     def loss(term: Noised):
         with accelerator.autocast():
