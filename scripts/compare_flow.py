@@ -13,7 +13,7 @@ queries, next to its wall time and peak memory.
 Equal wall time (``--seconds`` S): each variant gets the epochs that its equal-budget runs say fit
 into S (their seconds per epoch, the rest of their wall time as a fixed cost).
 
-    python scripts/compare_flow.py --seeds 3 --epochs 100 --seconds 300 --out runs/compare_flow
+    python scripts/compare_flow.py --seeds 3 --epochs 40 --seconds 120 --out runs/compare_flow
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ config leaves unset), ``SECTION`` (the name of its config section, whose datacla
 ``Config`` is) and ``MODEL`` (``"ddim"``, ``"lcm"``, ``"flow"`` or a tuple of them: the sampler
 families it trains, :func:`diffrl.transitions.family`).
 
-A method whose loss is not on the sampler's steps (DiffusionNFT's forward-process loss) exports
+A method whose loss is not on the sampler's steps (DiffusionNFT, RAFT: :mod:`diffrl.algorithms.forward`) exports
 ``train(ctx, batch, traj, streams, epoch, label) -> stats`` (the epoch's whole update) in place of
 ``loss``, and ``LOG_PROBS = False`` when it needs no step log-probs (any solver, ``eta`` 0 too).
 
