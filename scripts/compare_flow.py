@@ -207,7 +207,7 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=100, help="equal budget: epochs of 32 reward queries")
+    parser.add_argument("--epochs", type=int, default=40, help="equal budget: epochs of 32 reward queries")
     parser.add_argument("--seconds", type=float, default=0.0, help="equal wall time per run (0: skip)")
     parser.add_argument("--out", required=True, help="folder for compare_flow.json and compare_flow.md")
     args = parser.parse_args()

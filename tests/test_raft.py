@@ -225,3 +225,12 @@ def test_raft_with_the_tiny_flow_config_raises_a_learnable_reward(tmp_path, monk
     train(resolve_train_config(CONFIG, overrides, None))
     rewards = [r["reward_mean"] for r in read_jsonl(tmp_path / "raft_tiny_flow_geneval" / "metrics.jsonl")]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.02, rewards
+
+
+def test_toy_data_for_a_model_of_another_size_is_refused_naming_the_key():
+    from types import SimpleNamespace
+
+    config = load_config(CONFIG, ["raft.data=toy", "raft.data_fraction=0.5"])
+    ctx = SimpleNamespace(config=config, learner=SimpleNamespace(pipe=None), state=None)
+    with pytest.raises(ConfigError, match=r"raft\.data: toy renders 32 px .* 64 px"):
+        raft.original_data(ctx, ["a large red circle on the left"], 1, 64, Streams.seeded(0, 0))

@@ -197,6 +197,10 @@ def original_data(ctx: Context, prompts: list[str], count: int, size: int, strea
 
     pipe, data = ctx.learner.pipe, ctx.config.raft.data
     if data == "toy":
+        if size != toyworld.SIZE:
+            raise ConfigError(
+                f"raft.data: toy renders {toyworld.SIZE} px images of the toy world; this model samples {size} px"
+            )
         chosen = [prompts[i % len(prompts)] for i in range(count)]
         seed = int(torch.randint(1 << 30, (1,), generator=streams.shuffle))
         images = toyworld.render_batch(chosen, seed) * 2 - 1
