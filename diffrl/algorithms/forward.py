@@ -35,6 +35,25 @@ class Noised:
     transition: object
 
 
+def validate_data(config, group_size: int, key: str) -> None:
+    """The checks every forward-process method needs: whole groups of ``group_size`` (the config
+    key ``key``) per epoch, and a sampler whose last stored state is the final x0."""
+    from diffrl.errors import require
+
+    s = config.sample
+    samples = s.batch_size * s.num_batches_per_epoch
+    require(
+        samples % group_size == 0,
+        key,
+        f"{group_size} must divide sample.batch_size * sample.num_batches_per_epoch = {samples}",
+    )
+    require(
+        not (s.flow_step == "cps" and s.eta > 0),
+        "sample.flow_step",
+        "cps ends in a deterministic map that the stored states do not include; the forward-process loss needs the final x0 (use sde or eta 0)",
+    )
+
+
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The mean of ``values [m]`` over the ``valid [m]`` rows (0 when none is)."""
     weight = valid.to(values.device, torch.float32)

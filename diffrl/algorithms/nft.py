@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from diffrl.algorithms import Batch, Context, Plan, Rollouts, gather, per_sample
-from diffrl.algorithms.forward import Noised, masked_mean, train_on_forward_process
+from diffrl.algorithms.forward import Noised, masked_mean, train_on_forward_process, validate_data
 from diffrl.algorithms.grpo import group_advantages
 from diffrl.errors import require
 
@@ -105,22 +105,12 @@ Config = NFTConfig
 
 def validate(config) -> None:
     """Whole groups per epoch; a reference for the regulariser; a sampler whose last state is x0."""
-    s, n = config.sample, config.nft
-    samples = s.batch_size * s.num_batches_per_epoch
-    require(
-        samples % n.group_size == 0,
-        "nft.group_size",
-        f"{n.group_size} must divide sample.batch_size * sample.num_batches_per_epoch = {samples}",
-    )
+    n = config.nft
+    validate_data(config, n.group_size, "nft.group_size")
     require(
         n.reference_weight == 0 or config.model.use_lora,
         "nft.reference_weight",
         "the reference is the denoiser with its LoRA adapters disabled: needs model.use_lora: true (or 0)",
-    )
-    require(
-        not (s.flow_step == "cps" and s.eta > 0),
-        "sample.flow_step",
-        "cps ends in a deterministic map that the stored states do not include; NFT needs the final x0 (use sde or eta 0)",
     )
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from diffrl.algorithms import Batch, Context, Plan, Rollouts, gather
-from diffrl.algorithms.forward import Noised, masked_mean, train_on_forward_process
+from diffrl.algorithms.forward import Noised, masked_mean, train_on_forward_process, validate_data
 from diffrl.errors import ConfigError, require
 
 SECTION = "raft"
@@ -94,22 +94,12 @@ Config = RAFTConfig
 
 def validate(config) -> None:
     """Whole groups per epoch; the conditional loss; a sampler whose last state is x0."""
-    s, r = config.sample, config.raft
-    samples = s.batch_size * s.num_batches_per_epoch
-    require(
-        samples % r.group_size == 0,
-        "raft.group_size",
-        f"{r.group_size} must divide sample.batch_size * sample.num_batches_per_epoch = {samples}",
-    )
+    r = config.raft
+    validate_data(config, r.group_size, "raft.group_size")
     require(
         not config.train.cfg,
         "train.cfg",
         "RAFT fine-tunes the conditional denoiser with the diffusion loss: set train.cfg: false",
-    )
-    require(
-        not (s.flow_step == "cps" and s.eta > 0),
-        "sample.flow_step",
-        "cps ends in a deterministic map that the stored states do not include; RAFT needs the final x0 (use sde or eta 0)",
     )
 
 
