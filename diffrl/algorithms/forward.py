@@ -73,7 +73,8 @@ def train_on_forward_process(
     """The epoch's update (module docstring) on the rows of ``x0 [N, C, h, w]`` (final latents)
     and ``text`` (N rows) where ``trained [N]`` is true; ``loss(noised) -> (loss, stats)`` for each
     term. Classifier-free guidance's negative rows are dropped unless ``train.cfg``. Returns the
-    stats averaged over the terms and ``optimizer_steps`` (this process's, skipped ones included)."""
+    stats averaged over the terms, ``optimizer_steps`` (this process's, skipped ones included) and
+    ``skipped_steps`` (non-finite ones the learner skipped)."""
     from diffrl.collect import sampler_settings
     from diffrl.learner import training_items
     from diffrl.progress import progress
@@ -96,7 +97,7 @@ def train_on_forward_process(
         x_t = transition.add_noise(x0_rows, noise, ts)
         return loss(Noised(rows, x0_rows, noise, ts, x_t, text.select(rows), ok, transition))
 
-    totals, terms = {}, 0
+    totals, terms, skipped = {}, 0, learner.guard.skipped
     learner.unet.train()
     for inner in range(t.num_inner_epochs):
         order = torch.randperm(len(index), generator=streams.shuffle)
@@ -116,4 +117,5 @@ def train_on_forward_process(
                 terms += 1
     learner.unet.eval()
     steps = t.num_inner_epochs * len(index) // (t.batch_size * t.gradient_accumulation_steps)
-    return {**{k: v / max(terms, 1) for k, v in totals.items()}, "optimizer_steps": steps}
+    means = {k: v / max(terms, 1) for k, v in totals.items()}
+    return {**means, "optimizer_steps": steps, "skipped_steps": learner.guard.skipped - skipped}

@@ -242,11 +242,10 @@ def train(ctx: Context, batch: Batch, traj, streams, epoch: int, label: str) -> 
             stats["reference_mse"] = reg.detach()
         return value, stats  # accelerate divides by the accumulation length (trained_steps terms each)
 
-    skipped = learner.guard.skipped
     stats = train_on_forward_process(
         ctx, traj.latents[samples, -1], traj.text.select(samples), batch.trained, streams, epoch, label, loss
     )
     state.steps += stats.pop("optimizer_steps")
     eta = old_weight(state.steps, n)
     old.blend(eta)
-    return {**stats, "old_weight": eta, "skipped_steps": learner.guard.skipped - skipped}
+    return {**stats, "old_weight": eta}

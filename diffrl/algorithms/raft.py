@@ -255,7 +255,6 @@ def train(ctx: Context, batch: Batch, traj, streams, epoch: int, label: str) -> 
         value = masked_mean(((out.float() - target) ** 2).flatten(1).mean(1), term.valid)
         return value, {"diffusion_loss": value.detach()}
 
-    skipped = learner.guard.skipped
     stats = train_on_forward_process(ctx, x0, text, trained, streams, epoch, label, loss)
     stats.pop("optimizer_steps")
-    return {**stats, **extra, "skipped_steps": learner.guard.skipped - skipped}
+    return {**stats, **extra}
