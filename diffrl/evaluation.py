@@ -152,9 +152,11 @@ def evaluate_suite(
     images_per_prompt: int = 4,
     seed: int = 0,
     batch_size: int = 32,
+    sample=None,
 ) -> dict:
     """GenEval on ``pipe``: each row's prompt sampled ``images_per_prompt`` times (one generator
-    seeded ``seed``, prompts in file order), ``detector(images [B, 3, H, W], rows) -> detections
+    seeded ``seed``, prompts in file order; by ``sample(prompts, generator) -> images [B, 3, H, W]``
+    when given, e.g. a guided sampler, else by the pipeline's own sampler with ``settings``), ``detector(images [B, 3, H, W], rows) -> detections
     per image`` (the rows name the classes an open-vocabulary detector is asked for), GenEval's rule per image (:func:`diffrl.geneval.correct` after
     :func:`~diffrl.geneval.select` with ``thresholds``). Returns the per-task table of
     :func:`~diffrl.geneval.summarize` plus ``partial_credit`` (the mean training reward)."""
@@ -165,8 +167,13 @@ def evaluate_suite(
     flags, credits = [], []
     for start in range(0, len(chosen), batch_size):
         batch = chosen[start : start + batch_size]
-        traj = sample_trajectories(pipe, [r["prompt"] for r in batch], settings, generator=generator)
-        for row, detections in zip(batch, detector(traj.images, batch)):
+        prompts = [r["prompt"] for r in batch]
+        images = (
+            sample(prompts, generator)
+            if sample is not None
+            else sample_trajectories(pipe, prompts, settings, generator=generator).images
+        )
+        for row, detections in zip(batch, detector(images, batch)):
             by_class = geneval.select(detections, row["tag"], thresholds)
             flags.append(geneval.correct(by_class, row)[0])
             credits.append(geneval.partial_credit(by_class, row))
@@ -176,16 +183,24 @@ def evaluate_suite(
 
 
 def toy_geneval_heldout(
-    pipe, guidance_scale: float, num_steps: int = 20, images_per_prompt: int = 8, seed: int = 0
+    pipe,
+    guidance_scale: float,
+    num_steps: int = 20,
+    images_per_prompt: int = 8,
+    seed: int = 0,
+    *,
+    eta: float = 0.0,
+    sample=None,
 ) -> dict:
     """Toy-GenEval on its held-out rows with the toy detector: accuracy per task, ``overall`` (the
-    tasks' mean) and ``partial_credit``, sampled by the Euler ODE / DDIM at eta 0 (Flow-GRPO's
-    evaluation) with ``guidance_scale`` from one generator seeded ``seed``."""
+    tasks' mean) and ``partial_credit``, sampled by the Euler ODE / DDIM at ``eta`` 0 (Flow-GRPO's
+    evaluation; or ``sample``, as in :func:`evaluate_suite`) with ``guidance_scale`` from one
+    generator seeded ``seed``."""
     from diffrl.rewards.shapes import TOY_THRESHOLDS, detect_batch
 
-    settings = SamplerSettings(num_steps=num_steps, guidance_scale=guidance_scale, eta=0.0)
+    settings = SamplerSettings(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta)
     table = evaluate_suite(
         pipe, load_suite("toy-geneval"), detect_batch, TOY_THRESHOLDS, settings,
-        images_per_prompt=images_per_prompt, seed=seed,
+        images_per_prompt=images_per_prompt, seed=seed, sample=sample,
     )  # fmt: skip
     return {k: (v["accuracy"] if isinstance(v, dict) else v) for k, v in table.items()}

@@ -41,13 +41,14 @@ def write_toy_preferences(
     num_steps: int = 4,
     winners: str = "best",
     seed: int = 0,
+    reward: str = "shapes_alignment",
 ) -> int:
     """Offline preference data for the toy world: for each prompt, ``samples`` images from
-    ``pipe`` (DDIM, eta 1, guidance 5) scored by ``shapes_alignment``; the loser is the worst,
+    ``pipe`` (DDIM, eta 1, guidance 5) scored by ``reward`` (a registered name); the loser is the worst,
     the winner the best (``winners="best"``) or a render of the prompt (``"render"``). Prompts
     whose samples all score the same are skipped. Writes ``images/*.png`` and ``pairs.jsonl``
     (appended record by record); returns the number of pairs."""
-    reward_fn, generator = get_reward("shapes_alignment"), torch.Generator().manual_seed(seed)
+    reward_fn, generator = get_reward(reward), torch.Generator().manual_seed(seed)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     count = 0
     for i, prompt in enumerate(prompts):

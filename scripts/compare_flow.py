@@ -58,19 +58,24 @@ within the first half of the 8 steps, where the full run trains its 4 highest-no
 EVAL_STEPS, EVAL_IMAGES, EVAL_SEED = 20, 8, 0
 
 
-def count_transformer_rows() -> list[int]:
-    """Patch the SD3 transformer class of this process to count the latent rows it evaluates for
-    rollouts and training (the run's fixed-seed sample grids are not counted)."""
-    from diffusers import SD3Transformer2DModel
+def count_model_rows() -> list[int]:
+    """Patch the UNet and SD3 transformer classes of this process to count the latent rows they
+    evaluate for rollouts and training (the run's fixed-seed sample grids are not counted)."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
     from diffrl.run import Run
 
-    rows, paused, forward, grid = [0], [False], SD3Transformer2DModel.forward, Run.grid
+    rows, paused, grid = [0], [False], Run.grid
 
-    def counted(self, *args, **kwargs):
-        if not paused[0]:
-            rows[0] += (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).shape[0]
-        return forward(self, *args, **kwargs)
+    def counting(cls, name):
+        forward = cls.forward
+
+        def counted(self, *args, **kwargs):
+            if not paused[0]:
+                rows[0] += (kwargs[name] if name in kwargs else args[0]).shape[0]
+            return forward(self, *args, **kwargs)
+
+        cls.forward = counted
 
     def uncounted_grid(self, *args, **kwargs):
         paused[0] = True
@@ -79,7 +84,9 @@ def count_transformer_rows() -> list[int]:
         finally:
             paused[0] = False
 
-    SD3Transformer2DModel.forward, Run.grid = counted, uncounted_grid
+    counting(SD3Transformer2DModel, "hidden_states")
+    counting(UNet2DConditionModel, "sample")
+    Run.grid = uncounted_grid
     return rows
 
 
@@ -101,7 +108,7 @@ def train_variant(variant: str, seed: int, epochs: int, evaluate: bool = True) -
     from diffrl.trainer import train
 
     torch.manual_seed(seed)
-    rows = count_transformer_rows()
+    rows = count_model_rows()
     config_file, overrides = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as out:
         config = load_config(

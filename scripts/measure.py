@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import resource
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 
@@ -34,6 +34,42 @@ def isolated(fn, *args) -> dict:
     result with ``peak_memory_mb`` of that process added."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_measured, fn, args).result()
+
+
+def _one_thread() -> None:
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def isolated_many(calls: list[tuple], jobs: int, done=None) -> list[dict]:
+    """Each ``(fn, *args)`` of ``calls`` as :func:`isolated` does, ``jobs`` fresh processes at a
+    time (with one torch thread each when ``jobs`` > 1, so that they share the cores instead of
+    oversubscribing them); a call that raises gives ``{"error": message}``. ``done(index,
+    result)`` is called as each finishes. Results in call order."""
+
+    def result_of(future) -> dict:
+        try:
+            return future.result()
+        except Exception as err:  # noqa: BLE001 - one failed measurement must not lose the others
+            return {"error": f"{type(err).__name__}: {err}"}
+
+    with ProcessPoolExecutor(
+        jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_one_thread if jobs > 1 else None,
+        max_tasks_per_child=1,
+    ) as pool:
+        futures = {pool.submit(_measured, call[0], call[1:]): i for i, call in enumerate(calls)}
+        results = [None] * len(calls)
+        for future in as_completed(futures):
+            results[futures[future]] = result_of(future)
+            if done is not None:
+                done(futures[future], results[futures[future]])
+        return results
 
 
 def queries_per_epoch(config) -> int:

@@ -13,7 +13,12 @@ os.environ.setdefault("DIFFRL_KERNELS", "torch")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker per core (pytest -n 2, pyproject's addopts): a second torch thread per worker only
+    # oversubscribes. Subprocesses keep torch's default, as a user's command would.
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")

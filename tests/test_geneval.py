@@ -232,6 +232,9 @@ def test_the_reward_gives_partial_credit_and_reports_the_strict_rule():
     three = tw.render_row({**tw.geneval_row(prompts[0]), "include": [{"class": "square", "count": 3}]}, 0)
     value = reward(torch.from_numpy(three[None]).permute(0, 3, 1, 2).float() / 255, prompts[:1], [{}])
     assert value.item() == pytest.approx(0.5)  # 1 - |2 - 3| / 2
+    strict = rewards.get("toy_geneval", strict=True)
+    both = torch.cat([right[:1], torch.from_numpy(three[None]).permute(0, 3, 1, 2).float() / 255])
+    assert strict(both, prompts[:1] * 2, [{}, {}]).tolist() == [1.0, 0.0]  # the sparse reward: 0/1
 
 
 @pytest.mark.slow
@@ -247,3 +250,39 @@ def test_the_suite_on_the_shipped_model_matches_its_baseline(tmp_path, capsys):
         assert (
             abs(table[tag]["accuracy"] - baseline["table"][tag]["accuracy"]) <= 1.0 / table[tag]["images"]
         ), tag
+
+
+def test_the_suite_scores_a_given_sampler_renders_right_and_a_count_off_by_one_wrong():
+    """``evaluate_suite(sample=...)`` (guided samplers): renders of the held-out rows are right in
+    every task; rendering one more object of each counting row fails exactly that task."""
+    from diffrl.evaluation import evaluate_suite, load_suite
+    from diffrl.rewards.shapes import detect_batch
+    from diffrl.types import SamplerSettings
+
+    rows = load_suite("toy-geneval")
+    by_prompt = {r["prompt"]: r for r in rows}
+
+    def render(prompts, generator, extra=0):
+        seed = int(torch.randint(1000, (1,), generator=generator))
+        scenes = []
+        for prompt in prompts:
+            row = copy.deepcopy(by_prompt[prompt])
+            if row["tag"] == "counting":
+                row["include"][0]["count"] += extra
+                row["exclude"] = []
+            scenes.append(tw.render_row(row, seed))
+        return torch.from_numpy(np.stack(scenes)).permute(0, 3, 1, 2).float() / 255
+
+    settings = SamplerSettings(num_steps=1)
+
+    right = evaluate_suite(
+        None, rows, detect_batch, TOY_THRESHOLDS, settings, images_per_prompt=2, sample=render
+    )
+    assert right["overall"]["accuracy"] == 1.0 and right["partial_credit"] == 1.0
+    off = evaluate_suite(
+        None, rows, detect_batch, TOY_THRESHOLDS, settings, images_per_prompt=2,
+        sample=lambda prompts, generator: render(prompts, generator, extra=1),
+    )  # fmt: skip
+    assert off["counting"]["accuracy"] == 0.0
+    assert all(off[t]["accuracy"] == 1.0 for t in off if t not in ("counting", "overall", "partial_credit"))
+    assert off["overall"]["accuracy"] == pytest.approx(5 / 6)

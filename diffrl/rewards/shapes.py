@@ -230,18 +230,19 @@ def detect_batch(images: torch.Tensor, rows=None) -> list[list[Detection]]:
     return [detect(array) for array in arrays]
 
 
-def toy_geneval():
+def toy_geneval(strict: bool = False):
     """Reward factory: flow_grpo's GenEval partial credit (:func:`diffrl.geneval.partial_credit`)
-    of toy-world GenEval prompts (``a photo of three triangles``), from :func:`detect`. Writes
-    ``geneval_correct`` (GenEval's strict rule, 0/1) into each sample's metadata."""
+    of toy-world GenEval prompts (``a photo of three triangles``), from :func:`detect`; with
+    ``strict``, GenEval's own 0/1 verdict instead (a sparse reward). Writes ``geneval_correct``
+    (the strict verdict) into each sample's metadata."""
 
     def reward(images, prompts, metadata):
         values = torch.zeros(len(prompts))
         for i, (detections, prompt) in enumerate(zip(detect_batch(images), prompts)):
             row = tw.geneval_row(prompt)
             by_class = geneval.select(detections, row["tag"], TOY_THRESHOLDS)
-            values[i] = geneval.partial_credit(by_class, row)
             metadata[i]["geneval_correct"] = float(geneval.correct(by_class, row)[0])
+            values[i] = metadata[i]["geneval_correct"] if strict else geneval.partial_credit(by_class, row)
         return values
 
     reward.min_size = tw.SIZE
