@@ -28,7 +28,7 @@ it into). Each run's result is appended to ``OUT/runs.jsonl`` as it finishes, an
 the same folder continues after them; then ``OUT/compare.json`` and ``OUT/compare.md`` (the
 tables the README shows) are written.
 
-    python scripts/compare.py --out docs/compare --overopt docs/compare/overopt
+    python scripts/compare.py --out docs/compare --overopt docs/compare/overopt --readme README.md
 """
 
 from __future__ import annotations
@@ -346,6 +346,12 @@ def verdict(d: tuple[float, float], kind: str = "greater") -> str:
     return "does not hold here (within noise)" if d[0] > -2 * d[1] else "does not hold here (reversed)"
 
 
+def testable(gains: list[tuple[float, float]], because: str) -> str | None:
+    """None when one of the effects a claim compares (gains over a baseline) exceeds 2 standard
+    errors, else the verdict that the claim cannot be tested here, ``because``."""
+    return None if any(g[0] > 2 * g[1] for g in gains) else f"not testable here: {because}"
+
+
 def gain(row: dict, bases: dict) -> tuple[float, float]:
     """Held-out overall after training minus the base model's with the same evaluation sampler."""
     key = base_key(row["model"], int(row["eval_steps"]), row["guidance"])
@@ -377,7 +383,8 @@ def claims(runs: list[dict], bases: dict, overopt: dict | None) -> list[dict]:
         "measurement": f"JPEG compressibility, 64 held-out one-object images, M = N = {runs_arg(runs, 'M')}: "
         f"SVDD-PM {smooth['SVDD-PM'][0]:.3f}, best-of-N {smooth['best-of-N'][0]:.3f}, plain "
         f"{smooth['plain'][0]:.3f}; difference {f(d)}",
-        "verdict": verdict(d),
+        "verdict": testable([difference(smooth[m], smooth["plain"]) for m in ("SVDD-PM", "best-of-N")],
+                            "neither beats plain sampling") or verdict(d),
     })  # fmt: skip
     sparse = {m: gain(rows(f"{m}, strict reward"), bases) for m in ("DDPO", "B²-DiffuRL")}
     d = difference(sparse["B²-DiffuRL"], sparse["DDPO"])
@@ -386,7 +393,8 @@ def claims(runs: list[dict], bases: dict, overopt: dict | None) -> list[dict]:
         "source": "Hu et al. 2025 (B²-DiffuRL), Sec. 5",
         "measurement": f"held-out overall gain trained on the strict 0/1 GenEval reward at equal budget: "
         f"B²-DiffuRL {f(sparse['B²-DiffuRL'])}, DDPO {f(sparse['DDPO'])}; difference {f(d)}",
-        "verdict": verdict(d),
+        "verdict": testable(list(sparse.values()), "neither raises the held-out score at this budget")
+        or verdict(d),
     })  # fmt: skip
     ddpo, rlcm = rows("DDPO"), rows("RLCM")
     d = difference(rlcm["heldout"]["overall"], ddpo["heldout"]["overall"])
@@ -399,7 +407,8 @@ def claims(runs: list[dict], bases: dict, overopt: dict | None) -> list[dict]:
         f"{rlcm['wall_seconds']:.0f} s, DDPO {ddpo['heldout']['overall'][0]:.3f} in {ddpo['wall_seconds']:.0f} s "
         f"(wall ratio {ratio:.2f}; difference {f(d)}); gains over their own base: RLCM {f(gain(rlcm, bases))}, "
         f"DDPO {f(gain(ddpo, bases))}",
-        "verdict": "holds" if holds else "does not hold here",
+        "verdict": testable([gain(ddpo, bases)], "DDPO does not raise the held-out score at this budget")
+        or ("holds" if holds else "does not hold here"),
     })  # fmt: skip
     d3po = rows("D3PO")
     d = difference(gain(d3po, bases), gain(ddpo, bases))
@@ -408,7 +417,8 @@ def claims(runs: list[dict], bases: dict, overopt: dict | None) -> list[dict]:
         "source": "Yang et al. 2024 (D3PO), Sec. 5.1",
         "measurement": f"held-out overall gain at equal budget (D3PO from the reward's pairwise preferences only): "
         f"D3PO {f(gain(d3po, bases))}, DDPO {f(gain(ddpo, bases))}; difference {f(d)}",
-        "verdict": verdict(d, "equal"),
+        "verdict": testable([gain(ddpo, bases)], "DDPO does not raise the held-out score at this budget")
+        or verdict(d, "equal"),
     })  # fmt: skip
     eight, twenty = rows("Flow-GRPO"), rows("Flow-GRPO, 20 training steps")
     d = difference(eight["heldout"]["overall"], twenty["heldout"]["overall"])
@@ -418,7 +428,8 @@ def claims(runs: list[dict], bases: dict, overopt: dict | None) -> list[dict]:
         "measurement": f"held-out overall (20-step ODE) after equal epochs trained with 8 steps "
         f"{eight['heldout']['overall'][0]:.3f} in {eight['wall_seconds']:.0f} s vs 20 steps "
         f"{twenty['heldout']['overall'][0]:.3f} in {twenty['wall_seconds']:.0f} s; difference {f(d)}",
-        "verdict": "holds" if d[0] > -2 * d[1] else "does not hold here",
+        "verdict": testable([gain(twenty, bases)], "training with 20 steps does not raise it either")
+        or ("holds" if d[0] > -2 * d[1] else "does not hold here"),
     })  # fmt: skip
     nft, grpo = rows("DiffusionNFT"), rows("Flow-GRPO")
     d = difference(gain(nft, bases), gain(grpo, bases))
@@ -427,10 +438,11 @@ def claims(runs: list[dict], bases: dict, overopt: dict | None) -> list[dict]:
         "source": "Zheng et al. 2025 (DiffusionNFT), Fig. 1",
         "measurement": f"held-out overall gain at an equal budget of {nft['queries']:.0f} reward queries: "
         f"NFT {f(gain(nft, bases))}, Flow-GRPO {f(gain(grpo, bases))}; difference {f(d)}",
-        "verdict": verdict(d),
+        "verdict": testable([gain(nft, bases), gain(grpo, bases)], "neither gains at this budget") or verdict(d),
     })  # fmt: skip
     if overopt is not None:
         ends = {arm: mean_se([r["verifier"][-1] for r in runs_]) for arm, runs_ in overopt["results"].items()}
+        starts = mean_se([r["verifier"][0] for r in overopt["results"]["single proxy"]])
         best = max(("WCO ensemble", "UWO ensemble"), key=lambda a: ends[a][0])
         d = difference(ends[best], ends["single proxy"])
         out.append({
@@ -439,7 +451,8 @@ def claims(runs: list[dict], bases: dict, overopt: dict | None) -> list[dict]:
             "measurement": f"verifier after 40 GRPO epochs on a learned proxy: single {ends['single proxy'][0]:.3f}, "
             f"WCO {ends['WCO ensemble'][0]:.3f}, UWO {ends['UWO ensemble'][0]:.3f}, single + KL "
             f"{ends['single proxy + KL'][0]:.3f}; best ensemble − single {f(d)}",
-            "verdict": verdict(d),
+            "verdict": testable([difference(starts, ends["single proxy"])], "the single proxy is not over-optimised")
+            or verdict(d),
         })  # fmt: skip
     return out
 
@@ -510,6 +523,21 @@ def execute(calls: list[tuple], labels: list[tuple], args, log: Path) -> list[di
     return [finished[label] for label in labels if label in finished]
 
 
+BEGIN, END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
+
+
+def update_readme(path: Path, text: str) -> None:
+    """Replace what stands between the ``BEGIN`` and ``END`` markers of ``path`` with ``text``
+    (written atomically; a file without both markers is refused, naming them)."""
+    from diffrl.files import atomic_write_bytes
+
+    page = path.read_text()
+    if BEGIN not in page or END not in page:
+        raise SystemExit(f"compare: {path} has no {BEGIN} ... {END} block to write the tables into")
+    head, rest = page.split(BEGIN, 1)
+    atomic_write_bytes(path, f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}".encode())
+
+
 def as_run(result: dict, M: int) -> dict:
     method, setting, seed = result["label"]
     return {"method": method, "setting": setting, "seed": seed, "M": M, **result}
@@ -532,6 +560,7 @@ def main() -> None:
         help="overoptimisation.py's overopt.json, or a folder to run it into (default: skip that claim)",
     )
     parser.add_argument("--reuse", default=None, help="a compare_flow.json whose equal-budget runs to reuse")
+    parser.add_argument("--readme", default=None, help=f"a page whose {BEGIN} block receives the tables")
     parser.add_argument(
         "--out",
         required=True,
@@ -581,6 +610,8 @@ def main() -> None:
     if checked:
         text.append("**The papers' claims**\n\n" + claims_markdown(checked))
     (out / "compare.md").write_text("\n\n".join(text) + "\n")
+    if args.readme:
+        update_readme(Path(args.readme), "\n\n".join(text) + "\n")
     (out / "compare.json").write_text(
         json.dumps({"args": {k: v for k, v in vars(args).items() if k != "reused"}, "bases": bases,
                     "tables": tables, "claims": checked, "runs": runs}, indent=1)

@@ -62,7 +62,9 @@ def inline_commands(text: str) -> list[str]:
     return [
         s
         for s in spans
-        if STARTS.match(s) and len(s.split()) > 2 and not any(m in s for m in ("error", "WARNING", "("))
+        if STARTS.match(s)
+        and len(s.split()) > (1 if s.startswith("python scripts/") else 2)  # `diffrl eval` alone is a name
+        and not any(m in s for m in ("error", "WARNING", "("))
     ]
 
 
@@ -130,6 +132,7 @@ def parse_script(command: str, monkeypatch) -> None:
 
     words = shlex.split(command)
     script = ROOT / words[1]
+    assert "parse_args" in script.read_text(), f"{script.name} has no argparse parser to stop at"
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
     monkeypatch.setattr(sys, "argv", [str(script), *words[2:]])
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
