@@ -446,7 +446,13 @@ KILLS = [
 
 
 def _subprocess_env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    """The killed run's environment: this process's torch threads (bitwise equality with the
+    reference run, trained here, needs the same reduction order; under ``pytest -n`` it is 1)."""
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
+    )
 
 
 @pytest.fixture(scope="module")
