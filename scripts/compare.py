@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compare_flow import VARIANTS, count_model_rows, mean_se
+from compare_flow import VARIANTS, count_model_rows, epochs_within, mean_se
 from measure import isolated_many, queries_per_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,13 +253,6 @@ def base_model(model: str, steps: int, guidance: float, eta: float = 0.0) -> dic
     from diffrl.pipelines import load_pipeline
 
     return {"heldout": held_out(load_pipeline(model), steps, guidance, eta=eta)}
-
-
-def epochs_within(runs: list[dict], seconds: float) -> int:
-    """Epochs that fit into ``seconds``, from equal-budget runs' seconds per epoch and fixed cost."""
-    per_epoch = statistics.mean(r["epoch_seconds"] for r in runs)
-    fixed = statistics.mean(r["wall_seconds"] - r["epochs"] * r["epoch_seconds"] for r in runs)
-    return max(1, int((seconds - fixed) / per_epoch))
 
 
 def reused_runs(path: Path, budget: int) -> list[dict]:
