@@ -142,7 +142,6 @@ def export_weights(pipe, use_lora: bool, run_dir: Path, main: bool = True) -> No
     transformer's for SD3 and FLUX, saved by the pipeline class's own ``save_lora_weights``), or
     ``run_dir/unet`` / ``run_dir/transformer`` after full fine-tuning (``from_pretrained``
     folders). Under FSDP every process calls it (the shards are gathered) and ``main`` writes."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     model = denoiser(pipe)
@@ -154,7 +153,10 @@ def export_weights(pipe, use_lora: bool, run_dir: Path, main: bool = True) -> No
     tmp = run_dir / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if use_lora:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, state_dict=whole))
+        # PEFT's key names (``lora_A``/``lora_B``), as diffusers' own SD3 and FLUX LoRA scripts save
+        # them; its old-format conversion renames only to_q/k/v/out, and a file mixing both formats
+        # loads without the renamed layers.
+        layers = get_peft_model_state_dict(model, state_dict=whole)
         type(pipe).save_lora_weights(
             tmp,
             safe_serialization=True,

@@ -436,12 +436,13 @@ def claims(runs: list[dict], bases: dict, overopt: dict | None) -> list[dict]:
     if overopt is not None:
         ends = {arm: mean_se([r["verifier"][-1] for r in runs_]) for arm, runs_ in overopt["results"].items()}
         starts = mean_se([r["verifier"][0] for r in overopt["results"]["single proxy"]])
+        epochs = overopt["results"]["single proxy"][0]["epochs"][-1]
         best = max(("WCO ensemble", "UWO ensemble"), key=lambda a: ends[a][0])
         d = difference(ends[best], ends["single proxy"])
         out.append({
             "claim": "Reward-model ensembles (WCO, UWO) reduce over-optimisation",
             "source": "Coste et al. 2024, Sec. 5",
-            "measurement": f"verifier after 40 GRPO epochs on a learned proxy: single {ends['single proxy'][0]:.3f}, "
+            "measurement": f"verifier after {epochs} GRPO epochs on a learned proxy: single {ends['single proxy'][0]:.3f}, "
             f"WCO {ends['WCO ensemble'][0]:.3f}, UWO {ends['UWO ensemble'][0]:.3f}, single + KL "
             f"{ends['single proxy + KL'][0]:.3f}; best ensemble − single {f(d)}",
             "verdict": testable([difference(starts, ends["single proxy"])], "the single proxy is not over-optimised")
@@ -584,9 +585,10 @@ def main() -> None:
     overopt = None
     if args.overopt:
         path = Path(args.overopt)
-        if path.suffix != ".json":
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "overoptimisation.py"), "--out", str(path)],
-                           check=True)  # fmt: skip
+        if path.suffix != ".json":  # a folder: run into it, unless an earlier run finished there
+            if not (path / "overopt.json").is_file():
+                subprocess.run([sys.executable, str(ROOT / "scripts" / "overoptimisation.py"), "--out", str(path)],
+                               check=True)  # fmt: skip
             path = path / "overopt.json"
         overopt = json.loads(path.read_text())
     budget_rows, budget_md = table(

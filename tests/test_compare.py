@@ -65,10 +65,10 @@ def test_each_claim_reads_its_runs():
     runs = synthetic()
     overopt = {
         "results": {
-            "single proxy": [{"verifier": [0.9, v]} for v in (0.35, 0.37, 0.39)],
-            "single proxy + KL": [{"verifier": [0.9, v]} for v in (0.88, 0.89, 0.90)],
-            "WCO ensemble": [{"verifier": [0.9, v]} for v in (0.40, 0.42, 0.44)],
-            "UWO ensemble": [{"verifier": [0.9, v]} for v in (0.41, 0.42, 0.43)],
+            "single proxy": [{"epochs": [0, 30], "verifier": [0.9, v]} for v in (0.35, 0.37, 0.39)],
+            "single proxy + KL": [{"epochs": [0, 30], "verifier": [0.9, v]} for v in (0.88, 0.89, 0.90)],
+            "WCO ensemble": [{"epochs": [0, 30], "verifier": [0.9, v]} for v in (0.40, 0.42, 0.44)],
+            "UWO ensemble": [{"epochs": [0, 30], "verifier": [0.9, v]} for v in (0.41, 0.42, 0.43)],
         }
     }
     got = {c["claim"]: c for c in compare.claims(runs, bases(), overopt)}
@@ -83,6 +83,7 @@ def test_each_claim_reads_its_runs():
     assert nft["verdict"] == "does not hold here (within noise)"
     ensembles = got["Reward-model ensembles (WCO, UWO) reduce over-optimisation"]
     assert "best ensemble − single +0.050" in ensembles["measurement"]  # WCO 0.42 vs single 0.37
+    assert "after 30 GRPO epochs" in ensembles["measurement"]
     assert ensembles["verdict"] == "holds"
 
 

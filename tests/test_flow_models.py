@@ -121,10 +121,14 @@ def test_a_flow_step_off_the_schedule_is_refused(flow_pipe):
 
 def test_lora_round_trips_through_plain_diffusers(tmp_path, flow_pipe):
     """The trained transformer LoRA, exported in diffusers format, is what a fresh pipeline of the
-    same class gets from ``load_lora_weights``: the same velocity on the same input."""
+    same class gets from ``load_lora_weights``: the same velocity on the same input. The targets
+    are the shipped flow configs' (image and text projections of the joint attention): diffusers'
+    old-format key conversion renames only the first four, and a file mixing both formats loads
+    without the renamed ones."""
     make = MODELS["flux" if type(flow_pipe).__name__ == "FluxPipeline" else "sd3"]
     pipe = make()
-    config = load_config(None, ["model.lora_rank=4"])
+    targets = "[attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out]"
+    config = load_config(None, ["model.lora_rank=4", f"model.lora_target_modules={targets}"])
     prepare_denoiser(pipe, config, torch.float32)
     with torch.no_grad():
         for name, p in pipe.transformer.named_parameters():
@@ -146,6 +150,9 @@ def test_lora_round_trips_through_plain_diffusers(tmp_path, flow_pipe):
         untrained = base.noise_pred(x, torch.tensor(600.0), base.encode(PROMPTS[:2], "", "cpu"))
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
     assert (outputs[0] - untrained).abs().max() > 1e-3  # the adapter changed the model
+    loaded = {n.split(".lora_A")[0] for n, _ in fresh.transformer.named_parameters() if ".lora_A" in n}
+    trained = {n.split(".lora_A")[0] for n, _ in pipe.transformer.named_parameters() if ".lora_A" in n}
+    assert loaded == trained and any(n.endswith("attn.to_q") for n in loaded)
 
 
 def test_saved_flow_pipelines_load_by_folder(tmp_path, flow_pipe):

@@ -198,20 +198,24 @@ def test_a_run_checkpoints_the_old_policy_and_a_resume_continues_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_nft_with_the_tiny_flow_config_raises_a_learnable_reward(tmp_path, monkeypatch):
-    """configs/nft/tiny_flow_geneval.yaml (CFG-free, the old policy's ODE samples) on ``tiny-flow``
-    with image brightness as the reward: the batch's mean reward must rise within 20 epochs."""
-    from diffrl.files import read_jsonl
+def test_nft_with_the_tiny_flow_config_raises_held_out_toy_geneval(tmp_path):
+    """configs/nft/tiny_flow_geneval.yaml (CFG-free, the old policy's ODE samples), 20 epochs of
+    32 reward queries on ``tiny-flow``: held-out Toy-GenEval (20-step ODE at guidance 1, 8 images
+    per row, the same evaluation seed before and after) rises by more than 0.02 overall. Measured
+    on one thread, from 0.473: training seed 0 (this test) 0.508, seeds 3, 4, 5 0.504, 0.497,
+    0.466; scripts/compare.py's 19-epoch equal-time runs (seeds 0–2) 0.521, 0.512, 0.516. So the
+    gain is +0.030 ± 0.007 over these seven runs, and one seed in seven falls short of the base."""
+    from diffrl.evaluation import toy_geneval_heldout
+    from diffrl.pipelines import load_pipeline
     from diffrl.trainer import train
 
-    (tmp_path / "bright.py").write_text(
-        "def brightness(images, prompts, metadata):\n    return images.mean(dim=(1, 2, 3))\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
     overrides = [
-        "reward.name=bright:brightness", "run.num_epochs=20", "run.save_freq=100", "train.ema=false",
-        "train.learning_rate=3e-3", f"run.output_dir={tmp_path}", "monitor.enabled=false",
-    ]  # fmt: skip
-    train(resolve_train_config(CONFIG, overrides, None))
-    rewards = [r["reward_mean"] for r in read_jsonl(tmp_path / "nft_tiny_flow_geneval" / "metrics.jsonl")]
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.02, rewards
+        "run.num_epochs=20",
+        "run.save_freq=20",
+        f"run.output_dir={tmp_path}",
+        "monitor.enabled=false",
+    ]
+    base = toy_geneval_heldout(load_pipeline("tiny-flow"), 1.0)
+    after = toy_geneval_heldout(train(resolve_train_config(CONFIG, overrides, None)), 1.0)
+    assert after["overall"] > base["overall"] + 0.02, (base, after)

@@ -89,7 +89,12 @@ def _samples(pipe, seed=3):
 
 
 def test_lora_round_trip_through_plain_diffusers(tmp_path):
-    trained = _run(tmp_path, "lora", "run.num_epochs=2", "train.learning_rate=1e-2", "model.lora_alpha=8")
+    """The exported LoRA, read by plain diffusers, gives the trained samples; the targets mix the
+    attention projections that diffusers' old key format renames with one it does not (``ff.net.2``)."""
+    targets = "model.lora_target_modules=[to_q, to_k, to_v, to_out.0, ff.net.2]"
+    trained = _run(
+        tmp_path, "lora", "run.num_epochs=2", "train.learning_rate=1e-2", "model.lora_alpha=8", targets
+    )
     lora_file = tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors"
     weights = load_file(str(lora_file))
     assert weights and all("lora" in k for k in weights)
