@@ -299,6 +299,11 @@ class MonitorConfig:
 class PromptsConfig:
     source: str | list[str] = "simple_animals"
     """Built-in set name, text file path, or an inline list of prompts."""
+    balance: Literal["none", "task"] = "none"
+    """How training prompts are drawn: ``none``, uniformly over the prompts; ``task``, a GenEval task
+    uniformly, then one of its prompts (GenEval's overall score is the tasks' mean, so each task
+    gets an equal share of the updates however many prompts it has). ``task`` needs a source whose
+    prompts carry tasks: a GenEval ``.jsonl`` file or ``toy_{train,heldout}_geneval``."""
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from diffrl import toyworld
-from diffrl.errors import InputFileError
+from diffrl.errors import ConfigError, InputFileError
 
 SIMPLE_ANIMALS = (
     "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
@@ -38,15 +38,33 @@ ACTIVITIES = (
 
 @dataclass
 class PromptSource:
-    """A named, fixed list of prompts to draw training batches from."""
+    """A named, fixed list of prompts to draw training batches from; ``tasks`` holds each prompt's
+    GenEval task where the source has them, and ``balance`` says how :meth:`sample` draws."""
 
     name: str
     prompts: list[str]
+    tasks: list[str] | None = None
+    balance: str = "none"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> list[str]:
-        """``n`` prompts drawn uniformly with replacement (reproducible with ``generator``)."""
-        index = torch.randint(len(self.prompts), (n,), generator=generator)
-        return [self.prompts[i] for i in index.tolist()]
+        """``n`` prompts drawn with replacement (reproducible with ``generator``): uniformly over the
+        prompts, or with ``balance="task"`` a task uniformly and then uniformly among its prompts,
+        so each of the K tasks is drawn with probability 1/K."""
+        if self.balance == "none":
+            index = torch.randint(len(self.prompts), (n,), generator=generator).tolist()
+        else:
+            groups = self.task_groups()
+            task = torch.randint(len(groups), (n,), generator=generator).tolist()
+            within = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
+            index = [groups[t][int(u * len(groups[t]))] for t, u in zip(task, within, strict=True)]
+        return [self.prompts[i] for i in index]
+
+    def task_groups(self) -> list[list[int]]:
+        """Prompt indices of each task, tasks in sorted order."""
+        groups: dict[str, list[int]] = {}
+        for i, task in enumerate(self.tasks or []):
+            groups.setdefault(task, []).append(i)
+        return [groups[t] for t in sorted(groups)]
 
 
 def _article(word: str) -> str:
@@ -64,20 +82,26 @@ BUILTIN_PROMPTS = {
 }
 
 
-def load_prompts(source: str | list[str]) -> PromptSource:
-    """A :class:`PromptSource` from a list of prompts, a built-in set name, or a text file path.
+def load_prompts(source: str | list[str], balance: str = "none") -> PromptSource:
+    """A :class:`PromptSource` from a list of prompts, a built-in set name, or a text file path,
+    drawn as ``balance`` says (:attr:`diffrl.config.PromptsConfig.balance`).
 
     Text files hold one prompt per line; blank lines and lines starting with ``#`` are skipped.
-    A ``.jsonl`` file is a GenEval-layout prompt file (:mod:`diffrl.geneval`): its rows' prompts.
+    A ``.jsonl`` file is a GenEval-layout prompt file (:mod:`diffrl.geneval`): its rows' prompts,
+    each with its row's ``tag`` as task (as do ``toy_{train,heldout}_geneval``).
     """
+    tasks = None
     if isinstance(source, (list, tuple)):
         prompts, name = [str(p) for p in source], "inline"
     elif source in BUILTIN_PROMPTS:
         prompts, name = BUILTIN_PROMPTS[source](), source
+        if source.endswith("_geneval"):
+            tasks = [row["tag"] for row in toyworld.geneval_rows(source.split("_")[1])]
     elif str(source).endswith(".jsonl"):  # GenEval's layout: the rows' prompts, in file order
         from diffrl.geneval import read_suite
 
-        prompts, name = [row["prompt"] for row in read_suite(Path(source).expanduser())], str(source)
+        rows = read_suite(Path(source).expanduser())
+        prompts, tasks, name = [row["prompt"] for row in rows], [row["tag"] for row in rows], str(source)
     else:
         path = Path(source).expanduser()
         if not path.is_file():
@@ -88,4 +112,11 @@ def load_prompts(source: str | list[str]) -> PromptSource:
         prompts, name = [line for line in lines if line and not line.startswith("#")], str(path)
     if not prompts:
         raise InputFileError(f"prompt source {source!r} holds no prompts")
-    return PromptSource(name=name, prompts=prompts)
+    if balance not in ("none", "task"):
+        raise ConfigError(f"prompts.balance: {balance!r} is not one of none, task")
+    if balance == "task" and tasks is None:
+        raise ConfigError(
+            f"prompts.balance: task needs prompts that carry GenEval tasks (a GenEval .jsonl file, "
+            f"toy_train_geneval or toy_heldout_geneval); prompts.source {name!r} has none"
+        )
+    return PromptSource(name=name, prompts=prompts, tasks=tasks, balance=balance)

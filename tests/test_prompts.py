@@ -43,3 +43,39 @@ def test_a_geneval_jsonl_file_gives_its_rows_prompts_and_names_a_bad_line(tmp_pa
     (tmp_path / "bad.jsonl").write_text('{"tag": "counting", "prompt": "x", "include": []}\nnot json\n')
     with pytest.raises(InputFileError, match="bad.jsonl:"):
         load_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_task_balance_draws_each_task_equally_then_its_prompts_uniformly():
+    source = load_prompts("toy_train_geneval", balance="task")
+    task_of = dict(zip(source.prompts, source.tasks, strict=True))
+    sizes = {t: source.tasks.count(t) for t in set(source.tasks)}
+    assert len(sizes) == 6 and min(sizes.values()) < max(sizes.values()) / 10  # unbalanced: 3 vs 58 prompts
+    n = 12_000
+    draws = source.sample(n, torch.Generator().manual_seed(0))
+    # each task with probability 1/6: within 5 binomial standard deviations
+    for task in sizes:
+        share = sum(task_of[p] == task for p in draws) / n
+        assert abs(share - 1 / 6) < 5 * (1 / 6 * 5 / 6 / n) ** 0.5, (task, share)
+    # within a task uniformly: Pearson's chi-square over all prompts, expected n / 6 / |task|,
+    # below its mean + 5 standard deviations (df = prompts - 1: mean df, variance 2 df)
+    counts = {p: 0 for p in source.prompts}
+    for p in draws:
+        counts[p] += 1
+    expected = {p: n / 6 / sizes[task_of[p]] for p in source.prompts}
+    chi2 = sum((counts[p] - expected[p]) ** 2 / expected[p] for p in source.prompts)
+    df = len(source.prompts) - 1
+    assert chi2 < df + 5 * (2 * df) ** 0.5
+    assert source.sample(32, torch.Generator().manual_seed(1)) == source.sample(
+        32, torch.Generator().manual_seed(1)
+    )
+
+
+def test_task_balance_reads_jsonl_tags_and_names_a_source_without_tasks(tmp_path):
+    from diffrl import geneval, toyworld
+    from diffrl.errors import ConfigError
+
+    rows = [toyworld.geneval_row(p) for p in ["a photo of three triangles", "a photo of a blue circle"]]
+    geneval.write_suite(tmp_path / "suite.jsonl", rows)
+    assert load_prompts(str(tmp_path / "suite.jsonl"), balance="task").tasks == ["counting", "colors"]
+    with pytest.raises(ConfigError, match="prompts.balance: task needs .* 'simple_animals' has none"):
+        load_prompts("simple_animals", balance="task")
