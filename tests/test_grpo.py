@@ -257,3 +257,47 @@ def test_each_member_reward_is_normalised_in_its_group_before_the_weighted_sum()
     assert (want[:4].float() - plain[:4]).abs().max() > 1.0  # the hard member moves the advantages
     with pytest.raises(ConfigError, match="grpo.normalize_each_reward: normalises the members"):
         load_config(None, ["algorithm=grpo", "grpo.normalize_each_reward=true"])
+
+
+def test_equal_reward_groups_are_skipped_or_trained_on_the_kl_alone():
+    """``grpo.zero_advantage``: ``skip`` leaves out a group whose rewards are all equal (A = 0);
+    ``kl`` trains it, and its chains' loss is then β·KL exactly (the clipped surrogate of A = 0 is 0).
+    A dropped reward is never trained; ``kl`` without a KL penalty is refused naming the key."""
+    from diffrl.algorithms import Context, Rollouts, Term, ddpo
+    from diffrl.algorithms.grpo import prepare
+
+    class Chains(list):
+        parents, prompts = None, ["solved"] * 4 + ["open"] * 4
+
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, float("nan"), 0.25])
+    trained = {}
+    for mode in ("skip", "kl"):
+        config = load_config(None, ["algorithm=grpo", "grpo.group_size=4", f"grpo.zero_advantage={mode}"])
+        ctx = Context(config, Accelerator(cpu=True), None, None)
+        batch = prepare(ctx, Rollouts(Chains(range(8)), rewards, [{}] * 8), 0)
+        trained[mode] = batch.trained.tolist()
+        assert batch.metrics["frac_zero_advantage"] == pytest.approx(5 / 8)  # 4 equal + 1 dropped
+    assert trained["skip"] == [False] * 4 + [True, True, False, True]
+    assert trained["kl"] == [True] * 4 + [True, True, False, True]
+
+    g = torch.Generator().manual_seed(1)
+    log_prob, old, kl = (
+        torch.randn(4, 1, generator=g),
+        torch.randn(4, 1, generator=g),
+        torch.rand(4, 1, generator=g),
+    )
+    term = Term(
+        torch.arange(4),
+        torch.zeros(4, dtype=torch.long),
+        torch.ones(4, dtype=torch.bool),
+        log_prob,
+        old,
+        None,
+        lambda: kl,
+    )
+    solved = Batch(members=torch.arange(4)[:, None], trained=torch.ones(4, dtype=torch.bool), rewards=torch.ones(4),
+                   values={"advantages": torch.zeros(4)})  # fmt: skip
+    value, _ = ddpo.loss(term, solved, config)
+    torch.testing.assert_close(value, 0.04 * kl[:, 0].mean())
+    with pytest.raises(ConfigError, match="grpo.zero_advantage: kl trains equal-reward groups"):
+        load_config(None, ["algorithm=grpo", "grpo.zero_advantage=kl", "train.kl_beta=0"])

@@ -10,7 +10,9 @@ Each epoch draws every prompt once for G chains (:class:`~diffrl.algorithms.Plan
                                                         (``grpo.global_std``, Flow-GRPO's SD3 configs)
 
 broadcast to every step of the chain; groups whose rewards are all equal give A = 0 and are not
-trained. The loss per trained step is PPO's clipped surrogate on the element-mean log-prob ratio
+trained (they carry no policy gradient), unless ``grpo.zero_advantage: kl``: then they are trained
+on the KL term alone, as the objective has it (DeepSeekMath Eq. 3; Flow-GRPO Sec. 4.1), so that the
+penalty also holds the prompts the model already solves. The loss per trained step is PPO's clipped surrogate on the element-mean log-prob ratio
 (:func:`diffrl.algorithms.ddpo.ppo_loss`) plus β·KL(π_θ || π_ref), π_ref the same UNet with its
 LoRA adapters disabled. The KL is the exact KL of the two step Gaussians at the stored state
 (:func:`diffrl.ops.gaussian_kl`): with the shared std σ_t of the sampler it is
@@ -97,6 +99,9 @@ class GRPOConfig:
     """With ``reward.name: weighted``: normalise each member reward within its group and sum the
     weighted advantages, A = Σ_k w_k (r_k − mean_g r_k) / (std_g r_k + eps) (MixGRPO; GDPO), so
     that a reward with a small spread is not drowned by one with a large spread."""
+    zero_advantage: Literal["skip", "kl"] = "skip"
+    """Chains with A = 0 (a group of equal rewards): ``skip`` them (no policy gradient), or train them
+    on the KL penalty alone (``kl``, the objective's every sample; needs ``train.kl_beta`` > 0)."""
     sde_window: SDEWindowConfig = field(default_factory=SDEWindowConfig)
     """Stochastic sampling and training on a window of W actions only (:func:`window`)."""
 
@@ -116,6 +121,11 @@ def validate(config) -> None:
         not g.normalize_each_reward or config.reward.name == "weighted",
         "grpo.normalize_each_reward",
         f"normalises the members of reward.name: weighted, but the reward is {config.reward.name!r}",
+    )
+    require(
+        g.zero_advantage == "skip" or config.train.kl_beta > 0,
+        "grpo.zero_advantage",
+        "kl trains equal-reward groups on the KL penalty alone, but train.kl_beta is 0",
     )
     samples = s.batch_size * s.num_batches_per_epoch
     require(
@@ -210,15 +220,16 @@ def member_advantages(ctx: Context, rollouts: Rollouts, gathered, epoch: int) ->
 def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
     """Group-relative advantages of the gathered epoch (of each member reward, summed, with
     ``grpo.normalize_each_reward``); chains with A = 0 (a group of equal rewards, or a dropped
-    reward) are not trained."""
+    reward) are not trained, unless ``grpo.zero_advantage: kl`` (then only dropped rewards are not)."""
     g = ctx.config.grpo
     gathered = gather(ctx, rollouts, epoch)
     if g.normalize_each_reward:
         advantages = member_advantages(ctx, rollouts, gathered, epoch)
     else:
         advantages = group_advantages(gathered.prompts, gathered.rewards, g.global_std, g.std_eps)
-    trained = gathered.finite & (advantages != 0)
+    informative = gathered.finite & (advantages != 0)
+    trained = gathered.finite if g.zero_advantage == "kl" else informative
     span = window(ctx.config, epoch) or (0, None)
     batch = per_sample(advantages, trained, gathered, *span)
-    batch.metrics["frac_zero_advantage"] = 1.0 - trained.float().mean().item()
+    batch.metrics["frac_zero_advantage"] = 1.0 - informative.float().mean().item()
     return batch
