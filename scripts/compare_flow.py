@@ -30,31 +30,28 @@ from measure import isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 GRPO = "grpo/tiny_flow_geneval.yaml"
+FULL = ["grpo.sde_window.size=0", "train.timestep_fraction=0.5", "train.timestep_selection=first"]
 WINDOW = ["train.timestep_fraction=1.0", "grpo.sde_window.size=2"]
+RANDOM = [*WINDOW, "grpo.sde_window.placement=random", "grpo.sde_window.range=[0, 4]"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "GRPO (full)": (GRPO, []),
-    "GRPO, fixed window": (GRPO, [*WINDOW, "grpo.sde_window.start=0"]),
-    "GRPO, random window": (
-        GRPO,
-        [*WINDOW, "grpo.sde_window.placement=random", "grpo.sde_window.range=[0, 4]"],
-    ),
+    "GRPO (full)": (GRPO, FULL),
+    "GRPO, fixed window": (GRPO, [*WINDOW, "grpo.sde_window.placement=fixed", "grpo.sde_window.start=0"]),
+    "GRPO, random window": (GRPO, RANDOM),
     "GRPO, sliding window": (
-        GRPO,
-        [*WINDOW, "grpo.sde_window.placement=sliding", "grpo.sde_window.period=25"],
-    ),
-    "GRPO, branched window": (
         GRPO,
         [
             *WINDOW,
-            "grpo.sde_window.placement=random",
-            "grpo.sde_window.range=[0, 4]",
-            "grpo.sde_window.branches=true",
+            "grpo.sde_window.placement=sliding",
+            "grpo.sde_window.start=0",
+            "grpo.sde_window.period=25",
         ],
     ),
+    "GRPO, branched window": (GRPO, [*RANDOM, "grpo.sde_window.branches=true"]),
     "NFT": ("nft/tiny_flow_geneval.yaml", []),
 }
-"""Name -> (config under configs/, overrides). Windows of W = 2 actions (Flow-GRPO-Fast's default)
-within the first half of the 8 steps, where the full run trains its 4 highest-noise steps."""
+"""Name -> (config under configs/, overrides). The GRPO config ships the random window; every
+variant spells its own settings out. Windows of W = 2 actions (Flow-GRPO-Fast's default) within the
+first half of the 8 steps, where the full run trains its 4 highest-noise steps."""
 EVAL_STEPS, EVAL_IMAGES, EVAL_SEED = 20, 8, 0
 
 
