@@ -2,7 +2,9 @@
 
 On the built-in tiny pipeline (where Python overhead is most visible), measured side by side and
 interleaved (A, B, A, B, ...) in one process; each ratio is the median over repeats of the ratio of
-two runs made back to back (the machine's speed drifts by up to 30% between seconds, not within a pair):
+two runs made back to back (the machine's speed drifts by up to 30% between seconds, not within a pair).
+The ratios are of CPU seconds with one torch thread (``--threads``), which time another process's
+use of the cores does not enter; the wall-clock ratios are reported beside them:
 
   (a) rollout: ``sample_trajectories`` (prompt encoding, T guided UNet calls, T policy steps with
       log-probs, VAE decode) / the T bare guided UNet forwards on the same inputs; also against
@@ -35,7 +37,8 @@ two runs made back to back (the machine's speed drifts by up to 30% between seco
       over ``--epochs`` epochs in its own process.
 
 Target: (a), (b) <= 1.05. Usage: python scripts/bench.py [--steps 20] [--batch 8] [--branches 4] [--repeats 9]
-[--M 8] [--lcm-steps 4] [--epochs 4] [--svdd-M 1 2 4 8 16] [--json out.json]; ``--only-flow-calls`` runs (g) alone
+[--M 8] [--lcm-steps 4] [--epochs 4] [--svdd-M 1 2 4 8 16] [--threads 1] [--json out.json]; ``--only-overhead``
+runs (a) and (b) alone, ``--only-flow-calls`` (g) alone
 """
 
 from __future__ import annotations
@@ -69,10 +72,11 @@ from diffrl.types import SamplerSettings
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of ``fn()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bare_model(pipe, traj):
@@ -183,28 +187,36 @@ def bench(steps: int, batch: int, branches: int, repeats: int, model: str = "tin
     }
     for fn in cases.values():  # warm-up
         fn()
-    times = {name: [] for name in cases}
+    wall, cpu = {name: [] for name in cases}, {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            times[name].append(_timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
+            wall[name].append((timed := _timed(fn))[0])
+            cpu[name].append(timed[1])
 
-    def paired(a, b):  # each repeat's A and B ran back to back: their ratio cancels the machine's drift
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    def ratios(times: dict) -> dict:
+        """Each repeat's A and B ran back to back: the median of their ratios cancels the drift."""
+
+        def paired(a, b):
+            return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+        return {
+            "rollout_ratio": paired("rollout", "bare_forward"),
+            "rollout_ratio_with_decode": statistics.median(
+                r / (f + d) for r, f, d in zip(times["rollout"], times["bare_forward"], times["bare_decode"])
+            ),
+            "train_ratio": paired("train_step", "bare_backward"),
+            "branch_speedup": paired("plain_sampling", "branch_sampling"),
+        }
 
     return {
         "model": model,
         "steps": steps,
         "batch": batch,
         "repeats": repeats,
-        "median_seconds": med,
-        "rollout_ratio": paired("rollout", "bare_forward"),
-        "rollout_ratio_with_decode": statistics.median(
-            r / (f + d) for r, f, d in zip(times["rollout"], times["bare_forward"], times["bare_decode"])
-        ),
-        "train_ratio": paired("train_step", "bare_backward"),
+        "median_seconds": {k: statistics.median(v) for k, v in wall.items()},
+        **ratios(cpu),
+        "wall_clock": ratios(wall),
         "branch_images": len(trunks) * branches,
-        "branch_speedup": paired("plain_sampling", "branch_sampling"),
     }
 
 
@@ -372,23 +384,26 @@ def print_flow_calls(rows: list[dict]) -> None:
 
 def print_overhead(result: dict) -> None:
     """Tables (a) and (b) of one :func:`bench` result."""
-    med, batch = result["median_seconds"], result["batch"]
+    med, batch, wall = result["median_seconds"], result["batch"], result["wall_clock"]
     print(
         f"\n{result['model']}, T={result['steps']}, batch={batch}, median of {result['repeats']} interleaved repeats"
     )
-    print("| measure | diffrl (s) | bare model (s) | ratio | target |")
-    print("|---|---|---|---|---|")
-    print(
-        f"| rollout | {med['rollout']:.4f} | {med['bare_forward']:.4f} | {result['rollout_ratio']:.3f} | <= 1.05 |"
-    )
-    print(
-        f"| rollout vs bare model + VAE decode | {med['rollout']:.4f} | {med['bare_forward'] + med['bare_decode']:.4f} "
-        f"| {result['rollout_ratio_with_decode']:.3f} | |"
-    )
+    print("| measure | diffrl (s) | bare model (s) | ratio (CPU s) | ratio (wall s) | target |")
+    print("|---|---|---|---|---|---|")
+    rows = [
+        ("rollout", "rollout_ratio", med["bare_forward"], "<= 1.05"),
+        (
+            "rollout vs bare model + VAE decode",
+            "rollout_ratio_with_decode",
+            med["bare_forward"] + med["bare_decode"],
+            "",
+        ),
+        ("training step", "train_ratio", med["bare_backward"], "<= 1.05"),
+    ]
+    for name, key, bare, target in rows:
+        ours = med["train_step" if key == "train_ratio" else "rollout"]
+        print(f"| {name} | {ours:.4f} | {bare:.4f} | {result[key]:.3f} | {wall[key]:.3f} | {target} |")
     print(f"(sampling: {batch / med['rollout']:.1f} images/s)")
-    print(
-        f"| training step | {med['train_step']:.4f} | {med['bare_backward']:.4f} | {result['train_ratio']:.3f} | <= 1.05 |"
-    )
 
 
 def main() -> None:
@@ -408,15 +423,20 @@ def main() -> None:
     parser.add_argument("--svdd-M", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--guided-steps", type=int, default=4, help="sampler steps of (d) and (f)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of (a)-(d)")
+    parser.add_argument("--only-overhead", action="store_true", help="run tables (a) and (b) alone")
     parser.add_argument("--only-flow-calls", action="store_true", help="run table (g) alone")
     args = parser.parse_args()
     if args.only_flow_calls:
         print_flow_calls(flow_calls(args.epochs))
         return
+    torch.set_num_threads(args.threads)
     result = bench(args.steps, args.batch, args.branches, args.repeats)
     print_overhead(result)
     result["flow"] = bench(args.flow_steps, args.batch, args.branches, args.repeats, model="tiny-flow")
     print_overhead(result["flow"])
+    if args.only_overhead:
+        return
     med = result["median_seconds"]
     images = result["branch_images"]
     print(
