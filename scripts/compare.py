@@ -537,6 +537,18 @@ def as_run(result: dict, M: int) -> dict:
     return {"method": method, "setting": setting, "seed": seed, "M": M, **result}
 
 
+def load_overopt(path: Path) -> dict:
+    """``overoptimisation.py``'s result: ``path`` itself when it is a ``.json`` file, else the
+    ``overopt.json`` of the folder ``path``, which that script is first run into unless an earlier
+    run finished there."""
+    if path.suffix != ".json":
+        if not (path / "overopt.json").is_file():
+            script = ROOT / "scripts" / "overoptimisation.py"
+            subprocess.run([sys.executable, str(script), "--out", str(path)], check=True)
+        path = path / "overopt.json"
+    return json.loads(path.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -582,15 +594,7 @@ def main() -> None:
                     timed.append((train_method, method, seed, args.budget, epochs))
                     timed_labels.append((method, "time", seed))
         runs += [as_run(r, args.M) for r in execute(timed, timed_labels, args, log)]
-    overopt = None
-    if args.overopt:
-        path = Path(args.overopt)
-        if path.suffix != ".json":  # a folder: run into it, unless an earlier run finished there
-            if not (path / "overopt.json").is_file():
-                subprocess.run([sys.executable, str(ROOT / "scripts" / "overoptimisation.py"), "--out", str(path)],
-                               check=True)  # fmt: skip
-            path = path / "overopt.json"
-        overopt = json.loads(path.read_text())
+    overopt = load_overopt(Path(args.overopt)) if args.overopt else None
     budget_rows, budget_md = table(
         runs, bases, "budget", f"Equal budget: {args.budget} reward queries, {args.seeds} seeds"
     )

@@ -117,3 +117,26 @@ def test_a_claim_against_a_baseline_that_gains_nothing_is_not_testable():
     assert got["D3PO ≈ DDPO without a reward model"] == because
     assert got["B²-DiffuRL beats DDPO on sparse rewards"] == "holds"  # its own strict-reward runs
     assert "Reward-model ensembles (WCO, UWO) reduce over-optimisation" not in got  # no overopt.json
+
+
+def test_overopt_is_read_from_a_file_or_a_finished_folder_and_run_into_an_empty_one(tmp_path, monkeypatch):
+    """``--overopt``: a ``.json`` is read as it is; a folder holding ``overopt.json`` is read
+    without rerunning; an empty folder gets ``overoptimisation.py --out folder`` run into it first."""
+    calls = []
+
+    def fake_run(cmd, check):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        (out / "overopt.json").write_text('{"results": {"ran": 1}}')
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    given = tmp_path / "mine.json"
+    given.write_text('{"results": {"given": 1}}')
+    assert compare.load_overopt(given) == {"results": {"given": 1}}
+    folder = tmp_path / "overopt"
+    folder.mkdir()
+    assert compare.load_overopt(folder) == {"results": {"ran": 1}}
+    assert len(calls) == 1 and calls[0][1].endswith("overoptimisation.py")
+    (folder / "overopt.json").write_text('{"results": {"earlier": 1}}')
+    assert compare.load_overopt(folder) == {"results": {"earlier": 1}}
+    assert len(calls) == 1  # the finished folder was not rerun
