@@ -304,6 +304,10 @@ class PromptsConfig:
     uniformly, then one of its prompts (GenEval's overall score is the tasks' mean, so each task
     gets an equal share of the updates however many prompts it has). ``task`` needs a source whose
     prompts carry tasks: a GenEval ``.jsonl`` file or ``toy_{train,heldout}_geneval``."""
+    tasks: list[str] | None = None
+    """Train on these GenEval tasks of the source only (its rows whose ``tag`` is one of them, e.g.
+    ``[colors, color_attr]``); null, every prompt. Needs a source whose prompts carry tasks, as
+    ``balance: task`` does."""
 
 
 @dataclass

@@ -82,26 +82,29 @@ BUILTIN_PROMPTS = {
 }
 
 
-def load_prompts(source: str | list[str], balance: str = "none") -> PromptSource:
+def load_prompts(
+    source: str | list[str], balance: str = "none", tasks: list[str] | None = None
+) -> PromptSource:
     """A :class:`PromptSource` from a list of prompts, a built-in set name, or a text file path,
-    drawn as ``balance`` says (:attr:`diffrl.config.PromptsConfig.balance`).
+    drawn as ``balance`` says (:attr:`diffrl.config.PromptsConfig.balance`), with only the prompts
+    of the GenEval ``tasks`` kept when given (:attr:`diffrl.config.PromptsConfig.tasks`).
 
     Text files hold one prompt per line; blank lines and lines starting with ``#`` are skipped.
     A ``.jsonl`` file is a GenEval-layout prompt file (:mod:`diffrl.geneval`): its rows' prompts,
     each with its row's ``tag`` as task (as do ``toy_{train,heldout}_geneval``).
     """
-    tasks = None
+    task_of = None
     if isinstance(source, (list, tuple)):
         prompts, name = [str(p) for p in source], "inline"
     elif source in BUILTIN_PROMPTS:
         prompts, name = BUILTIN_PROMPTS[source](), source
         if source.endswith("_geneval"):
-            tasks = [row["tag"] for row in toyworld.geneval_rows(source.split("_")[1])]
+            task_of = [row["tag"] for row in toyworld.geneval_rows(source.split("_")[1])]
     elif str(source).endswith(".jsonl"):  # GenEval's layout: the rows' prompts, in file order
         from diffrl.geneval import read_suite
 
         rows = read_suite(Path(source).expanduser())
-        prompts, tasks, name = [row["prompt"] for row in rows], [row["tag"] for row in rows], str(source)
+        prompts, task_of, name = [row["prompt"] for row in rows], [row["tag"] for row in rows], str(source)
     else:
         path = Path(source).expanduser()
         if not path.is_file():
@@ -114,9 +117,27 @@ def load_prompts(source: str | list[str], balance: str = "none") -> PromptSource
         raise InputFileError(f"prompt source {source!r} holds no prompts")
     if balance not in ("none", "task"):
         raise ConfigError(f"prompts.balance: {balance!r} is not one of none, task")
-    if balance == "task" and tasks is None:
+    for key, wanted in (("prompts.balance: task", balance == "task"), ("prompts.tasks", tasks is not None)):
+        if wanted and task_of is None:
+            raise ConfigError(
+                f"{key} needs prompts that carry GenEval tasks (a GenEval .jsonl file, "
+                f"toy_train_geneval or toy_heldout_geneval); prompts.source {name!r} has none"
+            )
+    if tasks is not None:
+        prompts, task_of = _only_tasks(prompts, task_of, list(tasks), name)
+    return PromptSource(name=name, prompts=prompts, tasks=task_of, balance=balance)
+
+
+def _only_tasks(prompts: list[str], task_of: list[str], tasks: list[str], name: str):
+    """The prompts (and their tasks) whose task is one of ``tasks``; a task the source does not
+    have is refused, naming the ones it has."""
+    have = ", ".join(sorted(set(task_of)))
+    unknown = [task for task in tasks if task not in task_of]
+    if unknown:
         raise ConfigError(
-            f"prompts.balance: task needs prompts that carry GenEval tasks (a GenEval .jsonl file, "
-            f"toy_train_geneval or toy_heldout_geneval); prompts.source {name!r} has none"
+            f"prompts.tasks: {', '.join(unknown)} not among the tasks of prompts.source {name!r} ({have})"
         )
-    return PromptSource(name=name, prompts=prompts, tasks=tasks, balance=balance)
+    if not tasks:
+        raise ConfigError(f"prompts.tasks: an empty list keeps no prompt (null keeps them all: {have})")
+    kept = [i for i, task in enumerate(task_of) if task in tasks]
+    return [prompts[i] for i in kept], [task_of[i] for i in kept]

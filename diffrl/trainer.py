@@ -84,7 +84,7 @@ def preflight(config, algorithm, device: torch.device):
             f"sample.resolution: {resolution} is not a multiple of {info.vae_scale_factor}, the VAE "
             f"downsampling factor of {config.model.pretrained} (native resolution {info.resolution})"
         )
-    source = load_prompts(config.prompts.source, config.prompts.balance)
+    source = load_prompts(config.prompts.source, config.prompts.balance, config.prompts.tasks)
     reward_fn = rewards.get(config.reward.name, **config.reward.kwargs)
     side = resolution or info.resolution
     if side < reward_fn.min_size:

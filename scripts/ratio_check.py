@@ -38,7 +38,7 @@ def log_ratios(config, lora_std: float = 0.0) -> dict:
         with torch.no_grad():
             for p in params:
                 p.normal_(0, lora_std)
-    source = load_prompts(config.prompts.source, config.prompts.balance)
+    source = load_prompts(config.prompts.source, config.prompts.balance, config.prompts.tasks)
     gen = torch.Generator().manual_seed(config.run.seed)
     prompts = source.sample(config.sample.batch_size, gen)
     with torch.no_grad(), accelerator.autocast(), lora_merged(denoiser(pipe), learner.merge_sampling):

@@ -79,3 +79,29 @@ def test_task_balance_reads_jsonl_tags_and_names_a_source_without_tasks(tmp_path
     assert load_prompts(str(tmp_path / "suite.jsonl"), balance="task").tasks == ["counting", "colors"]
     with pytest.raises(ConfigError, match="prompts.balance: task needs .* 'simple_animals' has none"):
         load_prompts("simple_animals", balance="task")
+
+
+def test_prompts_tasks_keeps_the_rows_of_those_tasks_in_order_and_names_what_it_refuses(tmp_path):
+    from diffrl import geneval, toyworld
+    from diffrl.errors import ConfigError
+
+    rows = toyworld.geneval_rows("train")
+    wanted = ["colors", "color_attr"]
+    kept = load_prompts("toy_train_geneval", tasks=wanted)
+    assert kept.prompts == [r["prompt"] for r in rows if r["tag"] in wanted]
+    assert kept.tasks == [r["tag"] for r in rows if r["tag"] in wanted]
+    assert 0 < len(kept.prompts) < len(rows)
+    # with balance: task, each kept task half of the draws, and no other task's prompt drawn
+    balanced = load_prompts("toy_train_geneval", balance="task", tasks=wanted)
+    task_of = dict(zip(balanced.prompts, balanced.tasks, strict=True))
+    draws = [task_of[p] for p in balanced.sample(4000, torch.Generator().manual_seed(0))]
+    assert set(draws) == set(wanted) and abs(draws.count("colors") / 4000 - 0.5) < 5 * (0.25 / 4000) ** 0.5
+    geneval.write_suite(tmp_path / "suite.jsonl", rows[:5])
+    with pytest.raises(
+        ConfigError, match=r"prompts.tasks: colour not among the tasks of prompts.source '.*suite.jsonl'"
+    ):
+        load_prompts(str(tmp_path / "suite.jsonl"), tasks=["colour"])
+    with pytest.raises(ConfigError, match="prompts.tasks: an empty list keeps no prompt"):
+        load_prompts("toy_train_geneval", tasks=[])
+    with pytest.raises(ConfigError, match="prompts.tasks needs .* 'simple_animals' has none"):
+        load_prompts("simple_animals", tasks=["colors"])
