@@ -29,14 +29,16 @@ encoder and tokenizer, an LCMScheduler) with baseline.json: held-out shapes_alig
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
-from pretrain_tiny import encode_dataset  # scripts/ is on sys.path when this file runs
+from pretrain_tiny import (
+    encode_dataset,
+    seeded,
+    write_baseline,
+)  # scripts/ is on sys.path when this file runs
 
 from diffrl import toyworld as tw
 from diffrl.pipelines import load_pipeline
@@ -192,9 +194,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--eval", type=int, default=192, help="held-out images in baseline.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = seeded(args)
 
     teacher = load_pipeline(args.teacher)
     student = distill(teacher, args, gen)
@@ -216,8 +216,7 @@ def main() -> None:
         "teacher_ddim50": heldout_score(teacher, args.eval, 50, 5.0, args.seed),
         "distillation": vars(args),
     }
-    print(json.dumps(report, indent=1))
-    (Path(args.out) / "baseline.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_baseline(args.out, report)
 
 
 if __name__ == "__main__":

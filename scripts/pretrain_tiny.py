@@ -35,6 +35,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffrl import toyworld as tw
+from diffrl.files import atomic_write_bytes
 from diffrl.testing import SD_SCHEDULE, _byte_alphabet
 from diffrl.types import SamplerSettings
 
@@ -294,6 +295,33 @@ def evaluate(pipe, n_per_split: int, seed: int) -> dict:
     return report
 
 
+def seeded(args: argparse.Namespace) -> torch.Generator:
+    """Set torch's threads (``args.threads``) and global seed (``args.seed``), as every script that
+    builds a shipped model starts; a generator seeded ``args.seed``."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return torch.Generator().manual_seed(args.seed)
+
+
+def write_baseline(out: str | Path, report: dict) -> None:
+    """Print ``report`` and write it to ``out/baseline.json`` (atomically)."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    atomic_write_bytes(Path(out) / "baseline.json", (text + "\n").encode())
+
+
+def save_with_baseline(pipe, out: str, n_eval: int, seed: int, started: float) -> None:
+    """Save ``pipe`` to ``out`` (safetensors) and its ``baseline.json``: :func:`evaluate` with
+    ``n_eval`` samples per split and kind, and Toy-GenEval on both splits."""
+    pipe.save_pretrained(out, safe_serialization=True)
+    print(f"saved to {out} after {time.time() - started:.0f}s", flush=True)
+    pipe.set_progress_bar_config(disable=True)
+    report = evaluate(pipe, n_eval, seed)
+    report["geneval"] = geneval_baseline(pipe)
+    report["geneval_train"] = geneval_baseline(pipe, "train")
+    write_baseline(out, report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -307,9 +335,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval", type=int, default=96, help="samples per split and kind in the final report")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = seeded(args)
 
     tokenizer = toy_tokenizer(Path(tempfile.mkdtemp(prefix="toy-tok-")))
     vae, text_encoder, unet = build_models(len(tokenizer))
@@ -336,13 +362,7 @@ def main() -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(args.out, safe_serialization=True)
-    print(f"saved to {args.out} after {time.time() - t0:.0f}s", flush=True)
-    report = evaluate(pipe, args.eval, args.seed)
-    report["geneval"] = geneval_baseline(pipe)
-    report["geneval_train"] = geneval_baseline(pipe, "train")
-    print(json.dumps(report, indent=1))
-    (Path(args.out) / "baseline.json").write_text(json.dumps(report, indent=1) + "\n")
+    save_with_baseline(pipe, args.out, args.eval, args.seed, t0)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from pretrain_tiny import ema_step, encode_dataset, evaluate, geneval_baseline, toy_tokenizer
+from pretrain_tiny import ema_step, encode_dataset, save_with_baseline, seeded, toy_tokenizer
 from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -228,9 +227,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval", type=int, default=96, help="samples per split and kind in the final report")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = seeded(args)
 
     vae = AutoencoderKL.from_pretrained(args.base, subfolder="vae").eval().requires_grad_(False)
     vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
@@ -261,14 +258,7 @@ def main() -> None:
     pipe.transformer, (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) = train(
         pipe, prompts, latents, args.steps, args.batch, args.lr, gen, log_every=250
     )
-    pipe.save_pretrained(args.out, safe_serialization=True)
-    print(f"saved to {args.out} after {time.time() - t0:.0f}s", flush=True)
-    pipe.set_progress_bar_config(disable=True)
-    report = evaluate(pipe, args.eval, args.seed)
-    report["geneval"] = geneval_baseline(pipe)
-    report["geneval_train"] = geneval_baseline(pipe, "train")
-    print(json.dumps(report, indent=1))
-    (Path(args.out) / "baseline.json").write_text(json.dumps(report, indent=1) + "\n")
+    save_with_baseline(pipe, args.out, args.eval, args.seed, t0)
 
 
 if __name__ == "__main__":
