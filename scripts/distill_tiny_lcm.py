@@ -34,11 +34,7 @@ import time
 
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
-from pretrain_tiny import (
-    encode_dataset,
-    seeded,
-    write_baseline,
-)  # scripts/ is on sys.path when this file runs
+from pretrain_tiny import encode_dataset, seeded, write_baseline  # scripts/ is on sys.path
 
 from diffrl import toyworld as tw
 from diffrl.pipelines import load_pipeline
