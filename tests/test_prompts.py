@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -105,3 +107,17 @@ def test_prompts_tasks_keeps_the_rows_of_those_tasks_in_order_and_names_what_it_
         load_prompts("toy_train_geneval", tasks=[])
     with pytest.raises(ConfigError, match="prompts.tasks needs .* 'simple_animals' has none"):
         load_prompts("simple_animals", tasks=["colors"])
+
+
+def test_the_trainers_preflight_draws_only_the_configured_tasks(tmp_path):
+    """``prompts.tasks`` from a config reaches the prompt source the trainer samples from."""
+    from diffrl import algorithms, toyworld
+    from diffrl.config import load_config
+    from diffrl.trainer import preflight
+
+    config = load_config(
+        Path(__file__).resolve().parent.parent / "configs/grpo/tiny_flow_geneval.yaml",
+        [f"run.output_dir={tmp_path}", "prompts.tasks=[counting]"],
+    )
+    source = preflight(config, algorithms.get(config.algorithm), torch.device("cpu"))[0]
+    assert source.prompts == [r["prompt"] for r in toyworld.geneval_rows("train") if r["tag"] == "counting"]
