@@ -190,8 +190,9 @@ def bench(steps: int, batch: int, branches: int, repeats: int, model: str = "tin
     wall, cpu = {name: [] for name in cases}, {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            wall[name].append((timed := _timed(fn))[0])
-            cpu[name].append(timed[1])
+            seconds, cpu_seconds = _timed(fn)
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
 
     def ratios(times: dict) -> dict:
         """Each repeat's A and B ran back to back: the median of their ratios cancels the drift."""
@@ -407,6 +408,13 @@ def print_overhead(result: dict) -> None:
     print(f"(sampling: {batch / med['rollout']:.1f} images/s)")
 
 
+def write_json(path: str | None, result: dict) -> None:
+    """``result`` to ``path`` (``--json``) when one was given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -437,6 +445,7 @@ def main() -> None:
     result["flow"] = bench(args.flow_steps, args.batch, args.branches, args.repeats, model="tiny-flow")
     print_overhead(result["flow"])
     if args.only_overhead:
+        write_json(args.json, result)
         return
     med = result["median_seconds"]
     images = result["branch_images"]
@@ -486,9 +495,7 @@ def main() -> None:
         )
     result["flow_calls"] = flow_calls(args.epochs)
     print_flow_calls(result["flow_calls"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
