@@ -334,15 +334,19 @@ class Learner:
         :class:`~diffrl.algorithms.Term` for ``loss_fn(term, batch, config) -> (loss, stats)``,
         weighted by its share of the steps, so the accumulated gradient is that of one term per
         (minibatch, step) for any k. The first term is ratio-checked (:meth:`check_ratios`)
-        before its update; ``label`` (``epoch 3/10``) heads the progress lines. Returns the mean of every
-        stat and ``skipped_steps``."""
+        before its update; ``label`` (``epoch 3/10``) heads the progress lines. With
+        ``batch.kl_outside``, every step of the chain outside the trained span follows as KL-only
+        terms (:meth:`kl_term`), weighted like a trained step. Returns the mean of every stat over
+        the terms that report it, and ``skipped_steps``."""
         t, accelerator = self.config.train, self.accelerator
         index, valid = training_items(
             batch.trained, t.batch_size * t.gradient_accumulation_steps, accelerator
         )
         num_steps, k = traj.num_steps, batch.members.shape[1]
-        span = (batch.stop_step or num_steps) - batch.first_step
+        stop = batch.stop_step or num_steps
+        span = stop - batch.first_step
         num_train_steps = int(span * t.timestep_fraction)
+        outside = [s for s in range(num_steps) if batch.kl_outside and not batch.first_step <= s < stop]
         transition_for(self.pipe, sampler_settings(self.config)).schedule(
             self.config.sample.num_steps, traj.latents[:1, 0]
         )
@@ -361,24 +365,41 @@ class Learner:
             loss, stats = loss_fn(Term(items, steps, ok, log_prob, old, reference, kl), batch, self.config)
             return loss * weight, stats
 
+        def kl_term(items: torch.Tensor, steps: torch.Tensor, ok: torch.Tensor, weight: float, _check: bool):
+            samples, steps_k = batch.members[items].T.reshape(-1), steps.repeat(k)
+            return self.kl_term(traj, samples, steps_k, ok.repeat(k), weight)
+
         def measure():
             with accelerator.no_sync(self.unet):
                 loss, _ = term(index[:1], torch.full((1,), batch.first_step), valid[:1], 1.0, False)
                 loss.backward()
             self.optimizer.zero_grad()
 
-        passes = torch.arange(num_train_steps).split(self.timesteps_per_pass(num_train_steps, measure))
+        per_pass = self.timesteps_per_pass(num_train_steps, measure)
+        passes = [(term, cols) for cols in torch.arange(num_train_steps).split(per_pass)]
+        if outside:
+            passes += [
+                (kl_term, cols) for cols in torch.arange(len(outside)).add(num_train_steps).split(per_pass)
+            ]
         accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps * len(passes)
         accelerator.step = (
             0  # whole optimizer steps per epoch; the accumulation length may change between epochs
         )
         totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
         terms, skipped_before = 0, self.guard.skipped
         self.unet.train()
         for inner in range(t.num_inner_epochs):
             order = torch.randperm(len(index), generator=streams.shuffle)
             step_order = batch.first_step + torch.stack(
                 [self.step_order(span, num_train_steps, streams.shuffle) for _ in range(len(index))]
+            )
+            step_order = torch.cat(
+                [
+                    step_order[:, :num_train_steps],
+                    torch.tensor(outside, dtype=torch.long).expand(len(index), -1),
+                ],
+                1,
             )
             inner_label = f" {inner + 1}/{t.num_inner_epochs}" if t.num_inner_epochs > 1 else ""
             minibatches = progress(
@@ -388,20 +409,35 @@ class Learner:
                 "minibatches",
             )
             for b, rows in enumerate(minibatches):
-                for cols in passes:
+                for fn, cols in passes:
                     items, steps = pass_rows(rows, cols, step_order)
                     weight = len(cols) * len(passes) / num_train_steps
                     stats = self.update(
-                        partial(term, index[items], steps, valid[items], weight, terms == 0),
+                        partial(fn, index[items], steps, valid[items], weight, terms == 0),
                         f"epoch {epoch}, inner epoch {inner}",
-                        f"minibatch {b}, trained timestep {int(cols[0])}"
+                        f"minibatch {b}, {'trained' if fn is term else 'KL-only'} timestep {int(cols[0])}"
                         + (f"..{int(cols[-1])}" if len(cols) > 1 else ""),
                     )
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + value
+                        counts[name] = counts.get(name, 0) + 1
                     terms += 1
         self.unet.eval()
         return {
-            **{n: v / terms for n, v in totals.items()},
+            **{n: v / counts[n] for n, v in totals.items()},
             "skipped_steps": self.guard.skipped - skipped_before,
         }
+
+    def kl_term(
+        self, traj: Trajectory, samples: torch.Tensor, steps: torch.Tensor, valid: torch.Tensor, weight: float
+    ) -> tuple[torch.Tensor, dict]:
+        """``train.kl_beta`` × the mean exact step KL(πθ || π_ref) over the ``valid [B]`` of
+        ``samples [B]`` at ``steps [B]``, steps the chain took without training them (an SDE window's
+        ODE steps): the Gaussians are those of the sampler's stochastic step at the stored states
+        (a deterministic one, CPS onto σ' = 0, is left out).
+        Returns (the loss × ``weight``, ``{"kl_outside": the mean KL}``)."""
+        out, ref = self.step(traj, samples, steps), self.reference_step(traj, samples, steps)
+        stochastic = out.std.expand_as(out.mean).flatten(1)[:, 0] > 0  # CPS onto σ' = 0 has no density
+        mask = (valid.to(out.mean.device) & stochastic).float()
+        kl = (gaussian_kl(out.mean, out.std, ref.mean, ref.std) * mask).sum() / mask.sum().clamp(min=1.0)
+        return self.config.train.kl_beta * kl * weight, {"kl_outside": kl.detach()}

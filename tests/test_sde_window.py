@@ -1,6 +1,7 @@
 """SDE windows (issue #23: Flow-GRPO-Fast, MixGRPO): stochastic steps with log-probs and gradients
 only inside the window, the ODE outside it bit for bit, the branched window's shared trunk counted
-in transformer rows, the window's placement by hand, and the learner training only window steps."""
+in transformer rows, the window's placement by hand, the learner training only window steps, and
+the chain's KL on the steps outside the window against Flow-GRPO's step Gaussians by hand."""
 
 from pathlib import Path
 
@@ -160,6 +161,8 @@ def test_the_window_placements_by_hand():
         (["grpo.sde_window.size=4", "grpo.sde_window.placement=random", "grpo.sde_window.range=[2, 4]"], "grpo.sde_window.range"),
         (["grpo.sde_window.size=2", "grpo.sde_window.branches=true", "sample.batch_size=12", "grpo.group_size=8",
           "sample.num_batches_per_epoch=2"], "grpo.sde_window.branches"),
+        (["grpo.sde_window.kl=chain"], "grpo.sde_window.kl"),
+        (["grpo.sde_window.size=2", "grpo.sde_window.kl=chain", "train.kl_beta=0"], "grpo.sde_window.kl"),
     ],
 )  # fmt: skip
 def test_a_window_that_does_not_fit_is_refused_naming_the_key(overrides, key):
@@ -192,6 +195,81 @@ def test_the_learner_trains_only_the_window_steps(tmp_path, flow):
     )  # fmt: skip
     learner.train_epoch(capture, batch, traj, Streams.seeded(0, 0), 0, "test")
     assert sorted(trained) == list(range(8)) and all(sorted(s) == [2, 3] for s in trained.values())
+
+
+def test_the_chain_kl_penalises_the_steps_outside_the_window(tmp_path):
+    """``grpo.sde_window.kl: chain``, window [0, 2) of 6 actions, a non-zero adapter: the loss sees
+    steps 0-1 only, and the KL-only terms of steps 2-5 report the mean over chains and steps of the
+    exact KL of the SDE step at a = 1 (Flow-GRPO Eq. 8-9), by hand from the guided velocities with
+    the adapter on and off: KL = |Δ| (1 + a²/2)² (1 − σ) / (2 a² σ) · mean((v_θ − v_ref)²). A loss
+    of zero moves the adapter only with the chain's KL."""
+    config = resolve_train_config(
+        FLOW_CONFIG, ["sample.num_steps=6", "sample.batch_size=8", "grpo.group_size=4", "train.batch_size=8",
+                      "train.gradient_accumulation_steps=1", "train.timestep_fraction=1.0", "train.adam_weight_decay=0",
+                      "grpo.sde_window.kl=chain", f"run.output_dir={tmp_path}"], None,
+    )  # fmt: skip
+    learner = build_learner(config, Accelerator(cpu=True))
+    transformer = learner.pipe.transformer
+    with torch.no_grad():  # a non-zero adapter, so that the policy differs from the reference
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    traj = sample_branches(
+        learner.pipe, PROMPTS * 4, SDE, branch_step=0, num_branches=1,
+        generator=torch.Generator().manual_seed(0), window=(0, 2),
+    )  # fmt: skip
+    from diffrl.transitions import transition_for
+
+    transition = transition_for(learner.pipe, SDE)
+    text, _, timesteps = transition.begin(PROMPTS * 4, SDE, None, traj.latents[:, 0])
+    sigmas = learner.pipe.scheduler.sigmas.double()
+    expected = []
+    with torch.no_grad():
+        for i in range(2, 6):
+            x = traj.latents[:, i]
+            v = transition.noise_pred(x, timesteps[i], text)
+            transformer.disable_adapters()
+            v_ref = transition.noise_pred(x, timesteps[i], text)
+            transformer.enable_adapters()
+            sigma, delta = float(sigmas[i]), float(sigmas[i] - sigmas[i + 1])
+            scale = delta * 1.5**2 * (1 - sigma) / (2 * sigma)
+            expected.append(scale * ((v - v_ref).double() ** 2).flatten(1).mean(1))
+    before = [p.detach().clone() for p in learner.params]
+    trained: set[int] = set()
+
+    def capture(term, batch, config):
+        trained.update(term.steps.tolist())
+        return term.log_prob.mean() * 0, {}
+
+    batch = Batch(
+        members=torch.arange(8)[:, None], trained=torch.ones(8, dtype=torch.bool), rewards=torch.zeros(8),
+        first_step=0, stop_step=2, kl_outside=True,
+    )  # fmt: skip
+    stats = learner.train_epoch(capture, batch, traj, Streams.seeded(0, 0), 0, "test")
+    assert trained == {0, 1}
+    assert stats["kl_outside"] == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
+    assert any(not torch.equal(a, p) for a, p in zip(before, learner.params))
+
+
+def test_prepare_hands_the_window_and_where_its_kl_is_to_the_learner():
+    """The epoch's batch trains the window's span; ``kl: chain`` asks for the KL outside it too."""
+    from diffrl.algorithms import Context, Rollouts
+    from diffrl.algorithms.grpo import prepare
+
+    class Chains(list):
+        parents, prompts = None, ["a"] * 8 + ["b"] * 8
+
+    rewards = torch.arange(16, dtype=torch.float32)
+    for kl in ("window", "chain"):
+        config = window_config(
+            "grpo.sde_window.size=3", "grpo.sde_window.start=2", f"grpo.sde_window.kl={kl}"
+        )
+        batch = prepare(
+            Context(config, Accelerator(cpu=True), None, None),
+            Rollouts(Chains(range(16)), rewards, [{}] * 16),
+            0,
+        )
+        assert (batch.first_step, batch.stop_step, batch.kl_outside) == (2, 5, kl == "chain")
 
 
 @pytest.mark.slow

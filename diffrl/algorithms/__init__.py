@@ -111,6 +111,8 @@ class Batch:
         trained: ``[M]`` bool, the items that are trained (others were dropped, not selected, ties).
         first_step: the first trained step of every chain (B²-DiffuRL's branch point).
         stop_step: one past the last trained step (None: the chain's end; an SDE window's end).
+        kl_outside: the KL penalty also on the steps outside ``first_step..stop_step−1``, each a
+            KL-only term (``grpo.sde_window.kl: chain``; the learner's ``train_epoch``).
         values: tensors the loss reads (``advantages [N]``, ``h [M, 2]``...).
         rewards: ``[P·N]`` every process's rewards (NaN: dropped), for the epoch's metrics.
         metrics: more numbers for the epoch's record (already summed or averaged over processes).
@@ -121,6 +123,7 @@ class Batch:
     rewards: torch.Tensor
     first_step: int = 0
     stop_step: int | None = None
+    kl_outside: bool = False
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 

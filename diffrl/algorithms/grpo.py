@@ -21,7 +21,10 @@ KL is mean((μ_θ − μ_ref)²) / (2 s² |Δ|) = (|Δ|/2)(1/s + s(1−σ)/(2σ)
 Flow-GRPO's code computes β·mean((μ_θ − μ_ref)²)/(2s²), which omits the 1/|Δ| factor: its β
 weighs steps by their width |Δ|. Here the penalty is the KL itself, so β means the same at every
 step and on every sampler (a Flow-GRPO β corresponds to about β·|Δ| here at a 10-step schedule's
-typical |Δ| ≈ 0.1: reuse its values with that in mind).
+typical |Δ| ≈ 0.1: reuse its values with that in mind). With an SDE window the penalty is on the
+window's steps (Flow-GRPO-Fast), or with ``grpo.sde_window.kl: chain`` on every step: the ODE
+steps' states have the SDE's marginals (in continuous time), so the step KLs at them, summed, are the full SDE chain's
+path KL, which also holds the adapter at the noise levels the window does not train.
 
 With ``train.kl_beta: 0`` and groups of one this is DDPO without its reward history: one code path.
 It trains the DDIM sampler, a latent consistency model's (RLCM's policy) and a flow model's SDE
@@ -69,6 +72,12 @@ class SDEWindowConfig:
     """Actions a sliding window moves each ``period`` (MixGRPO: 1)."""
     period: int = 25
     """Epochs between a sliding window's moves (MixGRPO: 25 iterations)."""
+    kl: Literal["window", "chain"] = "window"
+    """Where ``train.kl_beta``'s KL penalty is: on the window's trained steps only (Flow-GRPO-Fast),
+    or on every step of the chain (``chain``): the ODE steps outside the window are KL-only terms,
+    the KL of the sampler's stochastic step at their stored states. The adapter is shared by every
+    noise level, so training the window moves the ODE steps too, and nothing else holds them there
+    (:func:`prepare`)."""
     branches: bool = False
     """One ODE trunk per prompt up to the window, its G group members branching from there with
     independent noise: the trunk's transformer calls are made once per group (Flow-GRPO-Fast v1)."""
@@ -121,6 +130,12 @@ def validate(config) -> None:
         not g.normalize_each_reward or config.reward.name == "weighted",
         "grpo.normalize_each_reward",
         f"normalises the members of reward.name: weighted, but the reward is {config.reward.name!r}",
+    )
+    require(
+        g.sde_window.kl == "window" or (config.train.kl_beta > 0 and g.sde_window.size > 0),
+        "grpo.sde_window.kl",
+        f"chain puts the KL penalty on the steps outside an SDE window, but grpo.sde_window.size is "
+        f"{g.sde_window.size} and train.kl_beta is {config.train.kl_beta} (both must be > 0)",
     )
     require(
         g.zero_advantage == "skip" or config.train.kl_beta > 0,
@@ -231,5 +246,6 @@ def prepare(ctx: Context, rollouts: Rollouts, epoch: int) -> Batch:
     trained = gathered.finite if g.zero_advantage == "kl" else informative
     span = window(ctx.config, epoch) or (0, None)
     batch = per_sample(advantages, trained, gathered, *span)
+    batch.kl_outside = g.sde_window.size > 0 and g.sde_window.kl == "chain"
     batch.metrics["frac_zero_advantage"] = 1.0 - informative.float().mean().item()
     return batch
