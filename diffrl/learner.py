@@ -347,6 +347,7 @@ class Learner:
         span = stop - batch.first_step
         num_train_steps = int(span * t.timestep_fraction)
         outside = [s for s in range(num_steps) if batch.kl_outside and not batch.first_step <= s < stop]
+        outside_order = torch.tensor(outside, dtype=torch.long).expand(len(index), -1)
         transition_for(self.pipe, sampler_settings(self.config)).schedule(
             self.config.sample.num_steps, traj.latents[:1, 0]
         )
@@ -394,13 +395,7 @@ class Learner:
             step_order = batch.first_step + torch.stack(
                 [self.step_order(span, num_train_steps, streams.shuffle) for _ in range(len(index))]
             )
-            step_order = torch.cat(
-                [
-                    step_order[:, :num_train_steps],
-                    torch.tensor(outside, dtype=torch.long).expand(len(index), -1),
-                ],
-                1,
-            )
+            step_order = torch.cat([step_order[:, :num_train_steps], outside_order], 1)
             inner_label = f" {inner + 1}/{t.num_inner_epochs}" if t.num_inner_epochs > 1 else ""
             minibatches = progress(
                 order.split(t.batch_size),
