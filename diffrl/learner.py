@@ -346,7 +346,9 @@ class Learner:
         stop = batch.stop_step or num_steps
         span = stop - batch.first_step
         num_train_steps = int(span * t.timestep_fraction)
-        outside = [s for s in range(num_steps) if batch.kl_outside and not batch.first_step <= s < stop]
+        outside = (
+            [s for s in range(num_steps) if not batch.first_step <= s < stop] if batch.kl_outside else []
+        )
         outside_order = torch.tensor(outside, dtype=torch.long).expand(len(index), -1)
         transition_for(self.pipe, sampler_settings(self.config)).schedule(
             self.config.sample.num_steps, traj.latents[:1, 0]

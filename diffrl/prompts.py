@@ -128,6 +128,12 @@ def load_prompts(
     return PromptSource(name=name, prompts=prompts, tasks=task_of, balance=balance)
 
 
+def configured_prompts(prompts) -> PromptSource:
+    """The training prompt source a config's ``prompts`` section describes
+    (:class:`diffrl.config.PromptsConfig`: its source, balance and tasks)."""
+    return load_prompts(prompts.source, prompts.balance, prompts.tasks)
+
+
 def _only_tasks(prompts: list[str], task_of: list[str], tasks: list[str], name: str):
     """The prompts (and their tasks) whose task is one of ``tasks``; a task the source does not
     have is refused, naming the ones it has."""

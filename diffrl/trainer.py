@@ -25,7 +25,7 @@ from diffrl.learner import build_learner, process_mean
 from diffrl.monitor import start_monitor, watch
 from diffrl.pipelines import inspect_pipeline
 from diffrl.progress import EpochClock
-from diffrl.prompts import load_prompts
+from diffrl.prompts import configured_prompts
 from diffrl.run import Run, StopSignals, Streams, evaluation_rewards, set_deterministic
 
 
@@ -84,7 +84,7 @@ def preflight(config, algorithm, device: torch.device):
             f"sample.resolution: {resolution} is not a multiple of {info.vae_scale_factor}, the VAE "
             f"downsampling factor of {config.model.pretrained} (native resolution {info.resolution})"
         )
-    source = load_prompts(config.prompts.source, config.prompts.balance, config.prompts.tasks)
+    source = configured_prompts(config.prompts)
     reward_fn = rewards.get(config.reward.name, **config.reward.kwargs)
     side = resolution or info.resolution
     if side < reward_fn.min_size:

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from diffrl.collect import lora_merged, sample_batch
 from diffrl.config import load_config
 from diffrl.learner import build_learner, pass_rows
-from diffrl.prompts import load_prompts
+from diffrl.prompts import configured_prompts
 from diffrl.transitions import denoiser
 
 
@@ -38,7 +38,7 @@ def log_ratios(config, lora_std: float = 0.0) -> dict:
         with torch.no_grad():
             for p in params:
                 p.normal_(0, lora_std)
-    source = load_prompts(config.prompts.source, config.prompts.balance, config.prompts.tasks)
+    source = configured_prompts(config.prompts)
     gen = torch.Generator().manual_seed(config.run.seed)
     prompts = source.sample(config.sample.batch_size, gen)
     with torch.no_grad(), accelerator.autocast(), lora_merged(denoiser(pipe), learner.merge_sampling):

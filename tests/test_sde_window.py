@@ -201,11 +201,12 @@ def test_the_chain_kl_penalises_the_steps_outside_the_window(tmp_path):
     """``grpo.sde_window.kl: chain``, window [0, 2) of 6 actions, a non-zero adapter: the loss sees
     steps 0-1 only, and the KL-only terms of steps 2-5 report the mean over chains and steps of the
     exact KL of the SDE step at a = 1 (Flow-GRPO Eq. 8-9), by hand from the guided velocities with
-    the adapter on and off: KL = |Δ| (1 + a²/2)² (1 − σ) / (2 a² σ) · mean((v_θ − v_ref)²). A loss
-    of zero moves the adapter only with the chain's KL."""
+    the adapter on and off: KL = |Δ| (1 + a²/2)² (1 − σ) / (2 a² σ) · mean((v_θ − v_ref)²). With a
+    loss of zero the update's gradient is that of β · Σ_outside steps mean KL / 2 (each step
+    weighted as one of the 2 trained ones), by autograd of the hand formula."""
     config = resolve_train_config(
         FLOW_CONFIG, ["sample.num_steps=6", "sample.batch_size=8", "grpo.group_size=4", "train.batch_size=8",
-                      "train.gradient_accumulation_steps=1", "train.timestep_fraction=1.0", "train.adam_weight_decay=0",
+                      "train.gradient_accumulation_steps=1", "train.timestep_fraction=1.0", "train.max_grad_norm=1e9",
                       "grpo.sde_window.kl=chain", f"run.output_dir={tmp_path}"], None,
     )  # fmt: skip
     learner = build_learner(config, Accelerator(cpu=True))
@@ -224,17 +225,26 @@ def test_the_chain_kl_penalises_the_steps_outside_the_window(tmp_path):
     text, _, timesteps = transition.begin(PROMPTS * 4, SDE, None, traj.latents[:, 0])
     sigmas = learner.pipe.scheduler.sigmas.double()
     expected = []
-    with torch.no_grad():
-        for i in range(2, 6):
-            x = traj.latents[:, i]
-            v = transition.noise_pred(x, timesteps[i], text)
+    for i in range(2, 6):
+        x = traj.latents[:, i]
+        v = transition.noise_pred(x, timesteps[i], text)
+        with torch.no_grad():
             transformer.disable_adapters()
             v_ref = transition.noise_pred(x, timesteps[i], text)
             transformer.enable_adapters()
-            sigma, delta = float(sigmas[i]), float(sigmas[i] - sigmas[i + 1])
-            scale = delta * 1.5**2 * (1 - sigma) / (2 * sigma)
-            expected.append(scale * ((v - v_ref).double() ** 2).flatten(1).mean(1))
-    before = [p.detach().clone() for p in learner.params]
+        sigma, delta = float(sigmas[i]), float(sigmas[i] - sigmas[i + 1])
+        scale = delta * 1.5**2 * (1 - sigma) / (2 * sigma)
+        expected.append(scale * ((v - v_ref).double() ** 2).flatten(1).mean(1))
+    (config.train.kl_beta * torch.stack(expected).mean(1).sum() / 2).backward()
+    want = [p.grad.clone() for p in learner.params]
+    learner.optimizer.zero_grad()
+    seen_grads, step = [], learner.optimizer.step
+
+    def capture_grads(*args, **kwargs):
+        seen_grads.extend(p.grad.clone() for p in learner.params)
+        return step(*args, **kwargs)
+
+    learner.optimizer.step = capture_grads
     trained: set[int] = set()
 
     def capture(term, batch, config):
@@ -247,8 +257,12 @@ def test_the_chain_kl_penalises_the_steps_outside_the_window(tmp_path):
     )  # fmt: skip
     stats = learner.train_epoch(capture, batch, traj, Streams.seeded(0, 0), 0, "test")
     assert trained == {0, 1}
-    assert stats["kl_outside"] == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
-    assert any(not torch.equal(a, p) for a, p in zip(before, learner.params))
+    assert stats["kl_outside"] == pytest.approx(float(torch.stack(expected).detach().mean()), rel=1e-4)
+    assert len(seen_grads) == len(want) and max(float(g.abs().max()) for g in want) > 0
+    for got, wanted in zip(seen_grads, want):
+        torch.testing.assert_close(
+            got, wanted.to(got.dtype), rtol=1e-3, atol=1e-4 * float(wanted.abs().max())
+        )
 
 
 def test_prepare_hands_the_window_and_where_its_kl_is_to_the_learner():
