@@ -23,8 +23,9 @@ weighs steps by their width |Δ|. Here the penalty is the KL itself, so β means
 step and on every sampler (a Flow-GRPO β corresponds to about β·|Δ| here at a 10-step schedule's
 typical |Δ| ≈ 0.1: reuse its values with that in mind). With an SDE window the penalty is on the
 window's steps (Flow-GRPO-Fast), or with ``grpo.sde_window.kl: chain`` on every step: the ODE
-steps' states have the SDE's marginals (in continuous time), so the step KLs at them, summed, are the full SDE chain's
-path KL, which also holds the adapter at the noise levels the window does not train.
+steps' states have the SDE's marginals (in continuous time), so the step KLs at them, summed, are
+the full SDE chain's path KL, which also holds the adapter at the noise levels the window does not
+train.
 
 With ``train.kl_beta: 0`` and groups of one this is DDPO without its reward history: one code path.
 It trains the DDIM sampler, a latent consistency model's (RLCM's policy) and a flow model's SDE
