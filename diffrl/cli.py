@@ -285,9 +285,9 @@ def _eval(args: argparse.Namespace) -> int:
         load_for_eval,
         load_suite,
         markdown_table,
+        suite_detector,
     )
     from diffrl.prompts import load_prompts
-    from diffrl.rewards.shapes import TOY_THRESHOLDS, detect_batch
     from diffrl.runfolder import writable_file
 
     if not args.suite and not (args.prompts and args.reward):
@@ -298,12 +298,7 @@ def _eval(args: argparse.Namespace) -> int:
         check_model(model)
     if args.suite:
         rows = load_suite(args.suite)
-        if args.detector == "toy":
-            detector, thresholds = detect_batch, TOY_THRESHOLDS
-        else:
-            from diffrl.rewards.geneval_detector import owlv2_detector, rows_detector
-
-            detector, thresholds = rows_detector(owlv2_detector()), (0.9, 0.3)
+        detector, thresholds = suite_detector(args.detector)
     else:
         source, reward_fn = load_prompts(args.prompts), rewards.get(args.reward)
     results = {}

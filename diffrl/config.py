@@ -236,7 +236,8 @@ class RewardConfig:
 class EvalConfig:
     """Evaluation rewards a run reports but does not optimise: at epoch 0, every ``eval.every``
     epochs and after the last, the trained weights (their average with ``train.ema``) sample ``num_images``
-    images of ``prompts`` from the fixed ``seed``, logged as ``eval_<label>`` per reward."""
+    images of ``prompts`` from the fixed ``seed``, logged as ``eval_<label>`` per reward; and a
+    GenEval ``suite``, scored as ``diffrl eval --suite`` scores it."""
 
     rewards: list[dict] = field(default_factory=list)
     """``{name, kwargs?, label?}`` each: a registered reward or ``package.module:function``."""
@@ -249,9 +250,19 @@ class EvalConfig:
     """Sampler steps (default ``sample.num_steps``)."""
     eta: float | None = None
     """Sampler noise (default ``sample.eta``; 0 is the deterministic DDIM / ODE sampler)."""
+    suite: str | None = None
+    """A GenEval suite (``toy-geneval`` or a GenEval ``.jsonl`` file) scored at every evaluation with
+    ``seed``, ``num_steps`` and ``eta``: the numbers ``diffrl eval RUN --suite … --images-per-prompt
+    … --num-steps … --eta …`` prints for the same weights, logged as ``eval_geneval`` (Overall,
+    which the hacking monitor watches) and ``geneval_<task>`` (each task's accuracy); sampled 32
+    images at a time, as ``diffrl eval`` samples them."""
+    images_per_prompt: int = 4
+    """Images per suite row (GenEval: 4)."""
+    detector: Literal["toy", "owlv2"] = "toy"
+    """The suite's detector (``diffrl eval --detector``)."""
 
     def validate(self) -> None:
-        for key in ("every", "num_images"):
+        for key in ("every", "num_images", "images_per_prompt"):
             require(getattr(self, key) >= 1, f"eval.{key}", f"must be >= 1, got {getattr(self, key)}")
         require(
             self.num_steps is None or self.num_steps >= 1,

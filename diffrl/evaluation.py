@@ -141,6 +141,19 @@ def load_suite(name_or_file: str) -> list[dict]:
     return geneval.read_suite(name_or_file)
 
 
+def suite_detector(name: str):
+    """``(detector, thresholds)`` for :func:`evaluate_suite`: ``toy``, the toy world's detector
+    (:func:`diffrl.rewards.shapes.detect_batch`) at its thresholds, or ``owlv2``, OWLv2 boxes and
+    CLIP colours for real images at GenEval's (0.9 counting, 0.3 otherwise)."""
+    if name == "toy":
+        from diffrl.rewards.shapes import TOY_THRESHOLDS, detect_batch
+
+        return detect_batch, TOY_THRESHOLDS
+    from diffrl.rewards.geneval_detector import owlv2_detector, rows_detector
+
+    return rows_detector(owlv2_detector()), (0.9, 0.3)
+
+
 @torch.no_grad()
 def evaluate_suite(
     pipe,

@@ -35,6 +35,7 @@ from diffrl.collect import sample_batch, sampler_settings, score_images
 from diffrl.config import dump_yaml, to_dict
 from diffrl.configfile import flatten
 from diffrl.errors import RunStopped
+from diffrl.evaluation import evaluate_suite
 from diffrl.files import (
     append_jsonl,
     atomic_write_bytes,
@@ -180,19 +181,22 @@ def export_weights(pipe, use_lora: bool, run_dir: Path, main: bool = True) -> No
     _swap_in(tmp, run_dir / name)
 
 
-def evaluation_rewards(config, training_prompts: list[str]) -> tuple[list, list[str]]:
-    """The run's evaluation rewards ``[(label, reward)]`` (built in preflight, so that a bad name or
-    missing weights fail before any model loads) and their prompts (``eval.prompts``, else the
-    training ones)."""
+def evaluation_rewards(config, training_prompts: list[str]) -> tuple[list, list[str], tuple | None]:
+    """The run's evaluation rewards ``[(label, reward)]``, their prompts (``eval.prompts``, else the
+    training ones) and its GenEval suite ``(rows, detector, thresholds)`` (``eval.suite``, else
+    None), built in preflight so that a bad name, file or missing weights fail before any model loads."""
     from diffrl import rewards
+    from diffrl.evaluation import load_suite, suite_detector
     from diffrl.prompts import load_prompts
 
+    e = config.eval
     built = [
         (spec.get("label", spec["name"]), rewards.get(spec["name"], **spec.get("kwargs", {})))
-        for spec in config.eval.rewards
+        for spec in e.rewards
     ]
-    prompts = load_prompts(config.eval.prompts).prompts if config.eval.prompts else training_prompts
-    return built, prompts
+    prompts = load_prompts(e.prompts).prompts if e.prompts else training_prompts
+    suite = (load_suite(e.suite), *suite_detector(e.detector)) if e.suite else None
+    return built, prompts, suite
 
 
 class Run:
@@ -212,12 +216,12 @@ class Run:
         streams: Streams,
         reward_fn,
         grid_prompts: list[str],
-        evaluation=((), ()),
+        evaluation=((), (), None),
     ):
         """``evaluation``: :func:`evaluation_rewards` (none for offline runs)."""
         self.config, self.learner, self.state, self.streams = config, learner, state, streams
         self.reward_fn, self.grid_prompts = reward_fn, grid_prompts
-        self.eval_rewards, self.eval_prompts = evaluation
+        self.eval_rewards, self.eval_prompts, self.eval_suite = evaluation
         self.accelerator = accelerator = learner.accelerator
         self.main = accelerator.is_main_process
         self.dir, self.start_epoch = Path(config.run.output_dir) / config.run.name, 0
@@ -292,13 +296,15 @@ class Run:
     def evaluate(self, epoch: int, after_training: bool) -> dict[str, float]:
         """``{"eval_<label>": mean, "evaluation_after_epochs": n}`` of each evaluation reward (section
         ``eval``) on its fixed prompts and seed with the averaged weights after ``n`` trained
-        epochs: before the training of every ``eval.every``-th epoch (so epoch 0's is the
+        epochs, and with ``eval.suite`` its GenEval Overall ``eval_geneval`` and task accuracies
+        ``geneval_<task>`` (:func:`~diffrl.evaluation.evaluate_suite`, the suite's own draw from
+        the seed): before the training of every ``eval.every``-th epoch (so epoch 0's is the
         pretrained model's) and after the training of the last; ``{}`` otherwise. Every process
         calls it and gets the main process's values; the main one samples (under FSDP all take part)."""
         e = self.config.eval
         last = epoch == self.config.run.num_epochs - 1
         due = last if after_training else epoch % e.every == 0
-        if not self.eval_rewards or not due:
+        if not (self.eval_rewards or self.eval_suite) or not due:
             return {}
         values = {}
         if self.main or sharded(denoiser(self.learner.pipe)):
@@ -307,22 +313,42 @@ class Run:
                 num_steps=e.num_steps or self.config.sample.num_steps,
                 eta=self.config.sample.eta if e.eta is None else e.eta,
             )
-            prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(e.num_images)]
-            generator, chunk = torch.Generator().manual_seed(e.seed), self.config.sample.batch_size
             with self.averaged():
-                trajs = [
-                    sample_trajectories(
-                        self.learner.pipe, prompts[i : i + chunk], settings, generator=generator
+                values.update(self._evaluation_rewards(settings, epoch))
+                if self.eval_suite:
+                    table = evaluate_suite(
+                        self.learner.pipe,
+                        *self.eval_suite,
+                        settings,
+                        images_per_prompt=e.images_per_prompt,
+                        seed=e.seed,
                     )
-                    for i in range(0, len(prompts), chunk)
-                ]
-            for label, reward in self.eval_rewards:
-                where = f"evaluation reward {label}, epoch {epoch}"
-                scores = torch.cat([score_images(reward, traj, self.config, where) for traj in trajs])
-                values[f"eval_{label}"] = scores[torch.isfinite(scores)].mean().item()
+                    values["eval_geneval"] = table.pop("overall")["accuracy"]
+                    values.update(
+                        {f"geneval_{tag}": v["accuracy"] for tag, v in table.items() if isinstance(v, dict)}
+                    )
             values["evaluation_after_epochs"] = epoch + int(after_training)
         if self.accelerator.num_processes > 1:
             values = broadcast_object_list([values])[0]
+        return values
+
+    def _evaluation_rewards(self, settings, epoch: int) -> dict[str, float]:
+        """``{"eval_<label>": mean}`` of each evaluation reward on ``eval.num_images`` images of its
+        prompts (cycled in order) sampled with ``settings`` from ``eval.seed``."""
+        if not self.eval_rewards:
+            return {}
+        e, chunk = self.config.eval, self.config.sample.batch_size
+        prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(e.num_images)]
+        generator = torch.Generator().manual_seed(e.seed)
+        trajs = [
+            sample_trajectories(self.learner.pipe, prompts[i : i + chunk], settings, generator=generator)
+            for i in range(0, len(prompts), chunk)
+        ]
+        values = {}
+        for label, reward in self.eval_rewards:
+            where = f"evaluation reward {label}, epoch {epoch}"
+            scores = torch.cat([score_images(reward, traj, self.config, where) for traj in trajs])
+            values[f"eval_{label}"] = scores[torch.isfinite(scores)].mean().item()
         return values
 
     def averaged(self):

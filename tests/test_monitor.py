@@ -1,6 +1,8 @@
 """The reward-hacking monitor: image statistics on hand-made images, the flagging rule on
 synthetic metric streams, and a run that stops itself at the flagged epoch."""
 
+import json
+
 import pytest
 import torch
 
@@ -137,10 +139,33 @@ def test_a_run_reports_evaluation_rewards_on_fixed_prompts_and_seeds(tmp_path):
             assert record[key] == pytest.approx(want, abs=1e-4)  # JPEG sizes move with any weight change
 
 
+def test_a_run_scores_a_geneval_suite_as_diffrl_eval_does(tmp_path):
+    """``eval.suite``: before epoch 0 and after the last, the per-task accuracies and Overall that
+    ``diffrl eval --suite toy-geneval`` prints for the pretrained model and for the exported run,
+    to the digit (the same rows, images per row, seed and sampler)."""
+    from diffrl.cli import main
+    from diffrl.files import read_jsonl
+    from tests.test_trainer import _run
+
+    suite = ["eval.suite=toy-geneval", "eval.images_per_prompt=1", "eval.num_steps=4", "eval.eta=0"]
+    _run(tmp_path, "gen", "run.num_epochs=2", "model.pretrained=tiny", "eval.every=5", *suite)
+    records = read_jsonl(tmp_path / "gen" / "metrics.jsonl")
+    flags = ["--suite", "toy-geneval", "--images-per-prompt", "1", "--num-steps", "4", "--eta", "0"]
+    for record, model in ((records[0], "tiny"), (records[-1], str(tmp_path / "gen"))):
+        out = tmp_path / f"{len(model)}.json"
+        assert main(["eval", model, *flags, "--guidance-scale", "5", "--json", str(out)]) == 0
+        table = json.loads(out.read_text())[model]
+        assert record["eval_geneval"] == table.pop("overall")["accuracy"]
+        tasks = {k: v["accuracy"] for k, v in table.items() if isinstance(v, dict)}
+        assert {k[len("geneval_") :]: v for k, v in record.items() if k.startswith("geneval_")} == tasks
+        assert len(tasks) == 6
+    assert [r.get("evaluation_after_epochs") for r in records] == [0, 2]
+
+
 def test_bad_evaluation_rewards_are_refused_before_any_model_loads(tmp_path, monkeypatch):
     from diffrl import trainer
     from diffrl.cli import resolve_train_config
-    from diffrl.errors import RewardError
+    from diffrl.errors import InputFileError, RewardError
     from tests.test_trainer import TINY
 
     def no_model(*args, **kwargs):
@@ -150,3 +175,6 @@ def test_bad_evaluation_rewards_are_refused_before_any_model_loads(tmp_path, mon
     bad = ["eval.rewards=[{name: no_such_reward}]", f"run.output_dir={tmp_path}"]
     with pytest.raises(RewardError, match="unknown reward 'no_such_reward'"):
         trainer.train(resolve_train_config(TINY, bad, None))
+    missing = [f"eval.suite={tmp_path / 'none.jsonl'}", f"run.output_dir={tmp_path}"]
+    with pytest.raises(InputFileError, match="none.jsonl: no such GenEval prompt file"):
+        trainer.train(resolve_train_config(TINY, missing, None))
