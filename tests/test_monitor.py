@@ -148,8 +148,10 @@ def test_a_run_scores_a_geneval_suite_as_diffrl_eval_does(tmp_path):
     from tests.test_trainer import _run
 
     suite = ["eval.suite=toy-geneval", "eval.images_per_prompt=1", "eval.num_steps=4", "eval.eta=0"]
-    _run(tmp_path, "gen", "run.num_epochs=2", "model.pretrained=tiny", "eval.every=5", *suite)
+    big_steps = ["train.learning_rate=0.05", "train.clip_range=1"]  # weights that score differently
+    _run(tmp_path, "gen", "run.num_epochs=2", "model.pretrained=tiny", "eval.every=5", *big_steps, *suite)
     records = read_jsonl(tmp_path / "gen" / "metrics.jsonl")
+    assert records[-1]["eval_geneval"] != records[0]["eval_geneval"]  # so scoring the base would fail below
     flags = ["--suite", "toy-geneval", "--images-per-prompt", "1", "--num-steps", "4", "--eta", "0"]
     for record, model in ((records[0], "tiny"), (records[-1], str(tmp_path / "gen"))):
         out = tmp_path / f"{len(model)}.json"
