@@ -132,15 +132,19 @@ def build_models(vocab_size: int):
 
 
 def training_prompts(
-    n: int, gen: torch.Generator, pair_fraction: float, geneval_fraction: float
+    n: int,
+    gen: torch.Generator,
+    pair_fraction: float,
+    geneval_fraction: float,
+    task_weights: dict[str, float] = GENEVAL_TASK_WEIGHTS,
 ) -> list[str]:
     """``n`` training prompts: GenEval-task prompts with probability ``geneval_fraction`` (a task
-    drawn by :data:`GENEVAL_TASK_WEIGHTS`, then one of its train prompts), else pairs with
-    probability ``pair_fraction``, else single objects (training splits only)."""
+    drawn by ``task_weights``, then one of its train prompts), else pairs with probability
+    ``pair_fraction``, else single objects (training splits only)."""
     pools = [tw.prompts("train", kind) for kind in ("single", "pair")]
-    tasks = list(GENEVAL_TASK_WEIGHTS)
+    tasks = list(task_weights)
     by_task = {t: [r["prompt"] for r in tw.geneval_rows("train") if r["tag"] == t] for t in tasks}
-    weights = torch.tensor([GENEVAL_TASK_WEIGHTS[t] for t in tasks])
+    weights = torch.tensor([task_weights[t] for t in tasks])
     u = torch.rand(n, generator=gen)
     kinds = (u < geneval_fraction).long() * 2 + (
         (u >= geneval_fraction) & (u < geneval_fraction + pair_fraction)
@@ -216,8 +220,12 @@ def check_vae(vae) -> None:
 
 
 @torch.no_grad()
-def encode_dataset(vae, size: int, gen: torch.Generator) -> tuple[list[str], torch.Tensor]:
-    prompts = training_prompts(size, gen, PAIR_FRACTION, GENEVAL_FRACTION)
+def encode_dataset(
+    vae, size: int, gen: torch.Generator, task_weights: dict[str, float] = GENEVAL_TASK_WEIGHTS
+) -> tuple[list[str], torch.Tensor]:
+    """``size`` training prompts (:func:`training_prompts`) and the VAE's latent means of their
+    renders ``[size, 4, 8, 8]``."""
+    prompts = training_prompts(size, gen, PAIR_FRACTION, GENEVAL_FRACTION, task_weights)
     latents = []
     for start in range(0, size, 256):
         chunk = prompts[start : start + 256]

@@ -19,6 +19,9 @@ diffrl reads it (``transitions.t5_tokens``); plain diffusers callers pass
     python scripts/pretrain_tiny_flow.py --out diffrl/assets/tiny-flow      # ~40 min on 2 CPU cores
     python scripts/pretrain_tiny_flow.py --out /tmp/f --steps 20 --dataset 512 --eval 8  # smoke
 
+``--task-weights``, ``--layers`` and ``--heads`` build the variants docs/grpo.md tried as GRPO bases
+(another GenEval-task mix, a larger transformer); their defaults build the shipped model.
+
 Prints and writes (``baseline.json``) the held-out Toy-GenEval table and the verifier scores.
 """
 
@@ -38,7 +41,14 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from pretrain_tiny import ema_step, encode_dataset, save_with_baseline, seeded, toy_tokenizer
+from pretrain_tiny import (
+    GENEVAL_TASK_WEIGHTS,
+    ema_step,
+    encode_dataset,
+    save_with_baseline,
+    seeded,
+    toy_tokenizer,
+)
 from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -58,6 +68,24 @@ T5_TOKENS = 16
 CLIP_DIM, T5_DIM = 32, 64
 SHIFT = 1.0
 """The schedule's shift (SD3 uses 3 at 1024 px; 64 latent tokens need none)."""
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"position=0.2,color_attr=0.1"`` → ``pretrain_tiny.GENEVAL_TASK_WEIGHTS`` (the task mix
+    the shipped model is trained on, the UNet's) with those entries replaced (unnormalised: each
+    task's share is its weight over their sum)."""
+    weights = dict(GENEVAL_TASK_WEIGHTS)
+    for item in filter(None, text.split(",")):
+        task, _, value = item.partition("=")
+        if task not in weights:
+            raise SystemExit(f"--task-weights: unknown task {task!r} (one of {', '.join(weights)})")
+        try:
+            weights[task] = float(value)
+        except ValueError:
+            weights[task] = -1.0
+        if weights[task] < 0:
+            raise SystemExit(f"--task-weights: {task}={value!r} is not a non-negative number")
+    return weights
 
 
 def words() -> list[str]:
@@ -85,8 +113,9 @@ def clip_tokenizer(folder: Path):
     return tokenizer
 
 
-def build_models(clip_vocab: int, t5_vocab: int, sample_size: int):
-    """Two CLIP text encoders (width 32, pooled 32 each), T5 (width 64) and the transformer."""
+def build_models(clip_vocab: int, t5_vocab: int, sample_size: int, layers: int = 4, heads: int = 4):
+    """Two CLIP text encoders (width 32, pooled 32 each), T5 (width 64) and the transformer
+    (``layers`` joint blocks of ``heads`` heads of width 16)."""
 
     def clip() -> CLIPTextModelWithProjection:
         return CLIPTextModelWithProjection(
@@ -120,11 +149,11 @@ def build_models(clip_vocab: int, t5_vocab: int, sample_size: int):
         patch_size=1,
         in_channels=4,
         out_channels=4,
-        num_layers=4,
+        num_layers=layers,
         attention_head_dim=16,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         joint_attention_dim=T5_DIM,
-        caption_projection_dim=64,
+        caption_projection_dim=16 * heads,  # the joint attention's width
         pooled_projection_dim=2 * CLIP_DIM,
         pos_embed_max_size=sample_size,
         qk_norm="rms_norm",
@@ -226,12 +255,20 @@ def main() -> None:
     parser.add_argument("--dataset", type=int, default=20000, help="pre-encoded training images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval", type=int, default=96, help="samples per split and kind in the final report")
+    parser.add_argument("--layers", type=int, default=4, help="the transformer's joint blocks")
+    parser.add_argument("--heads", type=int, default=4, help="its attention heads (width 16 each)")
+    parser.add_argument(
+        "--task-weights",
+        default="",
+        help="task=weight,... replacing entries of the GenEval-task mix (docs/grpo.md)",
+    )
     args = parser.parse_args()
+    weights = parse_weights(args.task_weights)
     gen = seeded(args)
 
     vae = AutoencoderKL.from_pretrained(args.base, subfolder="vae").eval().requires_grad_(False)
     vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
-    prompts, latents = encode_dataset(vae, args.dataset, gen)
+    prompts, latents = encode_dataset(vae, args.dataset, gen, weights)
     shift, scale = latents.mean().item(), 1 / latents.std().item()
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     latents = (latents - shift) * scale
@@ -239,7 +276,9 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="toy-flow-tok-"))
     tokenizer, t5_tok = clip_tokenizer(folder / "clip"), t5_tokenizer(folder / "t5")
-    clip1, clip2, t5, transformer = build_models(len(tokenizer), len(t5_tok), tw.SIZE // 4)
+    clip1, clip2, t5, transformer = build_models(
+        len(tokenizer), len(t5_tok), tw.SIZE // 4, args.layers, args.heads
+    )
     for name, m in (("clip", clip1), ("clip_2", clip2), ("t5", t5), ("transformer", transformer)):
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.3f}M parameters")
     pipe = StableDiffusion3Pipeline(
