@@ -81,10 +81,13 @@ def parse_weights(text: str) -> dict[str, float]:
             raise SystemExit(f"--task-weights: unknown task {task!r} (one of {', '.join(weights)})")
         try:
             weights[task] = float(value)
+            valid = 0 <= weights[task] < float("inf")
         except ValueError:
-            weights[task] = -1.0
-        if weights[task] < 0:
+            valid = False
+        if not valid:
             raise SystemExit(f"--task-weights: {task}={value!r} is not a non-negative number")
+    if not any(weights.values()):
+        raise SystemExit("--task-weights: every task's weight is 0")
     return weights
 
 
